@@ -1,0 +1,199 @@
+//! Kernel command-line parsing: `probe=<scenario>`, `expect_mem_mib=<N>`,
+//! `expect_cpus=<N>`. Unknown tokens are ignored, like Linux does.
+
+use core::fmt;
+
+/// What the VMM asked for on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Args<'a> {
+    /// The scenario text exactly as given (the last `probe=` wins, as in Linux).
+    pub probe: Option<&'a [u8]>,
+    pub expect_mem_mib: Option<u64>,
+    pub expect_cpus: Option<u64>,
+    /// The first malformed value. Parsing goes on so `probe` is known for the report.
+    pub error: Option<ArgError<'a>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgError<'a> {
+    BadNumber { key: &'static str, value: &'a [u8] },
+}
+
+impl fmt::Display for ArgError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::BadNumber { key, value } => write!(
+                f,
+                "command line: {key}={} is not a decimal number",
+                crate::fmt::Ascii(value)
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Boot,
+    Smp,
+    /// `mem:<MiB>`; the value is in MiB and is at least 1.
+    Mem(u64),
+    Spin,
+    TripleFault,
+    Exception,
+    /// Ask for a reboot as soon as the guest runs: the benchmark's trivial guest.
+    Reboot,
+}
+
+/// The command line up to its terminating NUL; `None` when `raw` holds no NUL.
+pub fn until_nul(raw: &[u8]) -> Option<&[u8]> {
+    raw.iter().position(|&b| b == 0).map(|i| &raw[..i])
+}
+
+/// Whitespace-separated tokens.
+pub fn tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(|b| b.is_ascii_whitespace())
+        .filter(|t| !t.is_empty())
+}
+
+/// Strict unsigned decimal: digits only, no sign, no overflow.
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &b| {
+        if b.is_ascii_digit() {
+            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+pub fn parse(line: &[u8]) -> Args<'_> {
+    let mut args = Args::default();
+    for tok in tokens(line) {
+        let Some(eq) = tok.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let (key, value) = (&tok[..eq], &tok[eq + 1..]);
+        let slot = match key {
+            b"probe" => {
+                args.probe = Some(value);
+                continue;
+            }
+            b"expect_mem_mib" => (&mut args.expect_mem_mib, "expect_mem_mib"),
+            b"expect_cpus" => (&mut args.expect_cpus, "expect_cpus"),
+            _ => continue,
+        };
+        match parse_u64(value) {
+            Some(n) => *slot.0 = Some(n),
+            None => {
+                args.error
+                    .get_or_insert(ArgError::BadNumber { key: slot.1, value });
+            }
+        }
+    }
+    args
+}
+
+/// Maps scenario text to a scenario; `None` for anything unknown or malformed.
+pub fn parse_scenario(s: &[u8]) -> Option<Scenario> {
+    Some(match s {
+        b"boot" => Scenario::Boot,
+        b"smp" => Scenario::Smp,
+        b"spin" => Scenario::Spin,
+        b"triple-fault" => Scenario::TripleFault,
+        b"exception" => Scenario::Exception,
+        b"reboot" => Scenario::Reboot,
+        _ => {
+            let mib = parse_u64(s.strip_prefix(b"mem:")?)?;
+            // Reject 0 and sizes whose byte count would not fit in a u64.
+            if mib == 0 || mib.checked_mul(1 << 20).is_none() {
+                return None;
+            }
+            Scenario::Mem(mib)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_keys() {
+        let a = parse(b"console=ttyS0 probe=mem:64  expect_mem_mib=256\texpect_cpus=2 quiet");
+        assert_eq!(a.error, None);
+        assert_eq!(a.probe, Some(&b"mem:64"[..]));
+        assert_eq!(a.expect_mem_mib, Some(256));
+        assert_eq!(a.expect_cpus, Some(2));
+    }
+
+    #[test]
+    fn missing_and_repeated() {
+        assert_eq!(parse(b""), Args::default());
+        assert_eq!(parse(b"   probe").probe, None);
+        assert_eq!(parse(b"probe=boot probe=smp").probe, Some(&b"smp"[..]));
+        assert_eq!(parse(b"probe=").probe, Some(&b""[..]));
+    }
+
+    #[test]
+    fn rejects_bad_numbers() {
+        let a = parse(b"expect_cpus=2x probe=smp expect_mem_mib=x");
+        assert_eq!(
+            a.error,
+            Some(ArgError::BadNumber {
+                key: "expect_cpus",
+                value: b"2x"
+            })
+        );
+        assert_eq!((a.probe, a.expect_cpus), (Some(&b"smp"[..]), None));
+        assert!(parse(b"expect_mem_mib=").error.is_some());
+        assert!(parse(b"expect_mem_mib=-1").error.is_some());
+        assert!(parse(b"expect_mem_mib=99999999999999999999")
+            .error
+            .is_some());
+    }
+
+    #[test]
+    fn parse_u64_edges() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"+1"), None);
+        assert_eq!(parse_u64(b""), None);
+    }
+
+    #[test]
+    fn scenarios() {
+        assert_eq!(parse_scenario(b"boot"), Some(Scenario::Boot));
+        assert_eq!(parse_scenario(b"smp"), Some(Scenario::Smp));
+        assert_eq!(parse_scenario(b"spin"), Some(Scenario::Spin));
+        assert_eq!(parse_scenario(b"triple-fault"), Some(Scenario::TripleFault));
+        assert_eq!(parse_scenario(b"exception"), Some(Scenario::Exception));
+        assert_eq!(parse_scenario(b"reboot"), Some(Scenario::Reboot));
+        assert_eq!(parse_scenario(b"mem:64"), Some(Scenario::Mem(64)));
+        assert_eq!(parse_scenario(b"mem:0"), None);
+        assert_eq!(parse_scenario(b"mem:"), None);
+        assert_eq!(parse_scenario(b"mem:1x"), None);
+        assert_eq!(parse_scenario(b"mem:17592186044416"), None);
+        assert_eq!(parse_scenario(b"Boot"), None);
+        assert_eq!(parse_scenario(b""), None);
+    }
+
+    #[test]
+    fn nul_termination() {
+        assert_eq!(until_nul(b"probe=boot\0junk"), Some(&b"probe=boot"[..]));
+        assert_eq!(until_nul(b"\0"), Some(&b""[..]));
+        assert_eq!(until_nul(b"probe=boot"), None);
+    }
+
+    #[test]
+    fn error_message() {
+        let e = parse(b"expect_cpus=two").error.unwrap();
+        assert_eq!(
+            crate::text!("{e}").as_bytes(),
+            b"command line: expect_cpus=two is not a decimal number"
+        );
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: builds the test guest and the workspace (release, once), then the unit and
+# integration tests, formatting and lints. Installs what it needs; safe to run on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash images/build.sh
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+cargo fmt --all --check
+cargo build --release --workspace
+# --workspace includes the test guest crate, whose pure logic is unit-tested on the host.
+cargo test --release --workspace
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo clippy --release -p airlock-test-guest --target x86_64-unknown-none -- -D warnings

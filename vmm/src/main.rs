@@ -1,0 +1,157 @@
+//! The `airlock-vmm` command line: `--api-sock` serves the Firecracker-compatible API,
+//! `--no-api --config-file` boots straight from a config, `check-host` reports what this host can
+//! run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use airlock_vmm::builder::StartOptions;
+use airlock_vmm::check_host::check_host;
+use airlock_vmm::config::VmConfig;
+use airlock_vmm::devices::bus::lock;
+use airlock_vmm::rpc::api_server;
+use airlock_vmm::rpc::controller::Controller;
+use airlock_vmm::vstate::vcpu::VmExit;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "airlock-vmm",
+    version,
+    about = "Airlock's KVM microVM monitor (Firecracker-compatible API and config)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Serve the API on this Unix socket path.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Boot from this Firecracker-format JSON config at once.
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// Instance id reported by `GET /`.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Print a line on stderr when the guest signals it is ready, with the boot time and the VMM's
+    /// own memory.
+    #[arg(long)]
+    boot_timer: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Report whether this host can run Linux guests, and why not.
+    CheckHost {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("airlock-vmm: error: {message}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let start_time = Instant::now();
+    let cli = Cli::parse();
+    if let Some(Command::CheckHost { json }) = cli.command {
+        let report = check_host();
+        if json {
+            match serde_json::to_string_pretty(&report) {
+                Ok(text) => println!("{text}"),
+                Err(e) => return fail(e),
+            }
+        } else {
+            print!("{}", report.render_text());
+        }
+        return ExitCode::SUCCESS;
+    }
+    run_vmm(cli, start_time)
+}
+
+fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
+    if cli.no_api && cli.api_sock.is_some() {
+        return fail("--no-api and --api-sock exclude each other");
+    }
+    if cli.no_api && cli.config_file.is_none() {
+        return fail("--no-api needs --config-file (there would be no way to configure the VM)");
+    }
+    if !cli.no_api && cli.api_sock.is_none() {
+        return fail("give --api-sock PATH to serve the API, or --no-api --config-file PATH");
+    }
+    let config = match &cli.config_file {
+        Some(path) => match VmConfig::from_file(path) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+        None => VmConfig::default(),
+    };
+    let server = match &cli.api_sock {
+        Some(path) => match api_server::bind(path) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+
+    let (exit_tx, exit_rx) = channel();
+    let opts = StartOptions {
+        start_time,
+        report_boot_time: cli.boot_timer,
+    };
+    let controller = Arc::new(Mutex::new(Controller::new(cli.id, config, opts, exit_tx)));
+    let socket = cli.api_sock.clone();
+    let cleanup = move || {
+        if let Some(path) = &socket {
+            let _ = std::fs::remove_file(path);
+        }
+    };
+    if cli.config_file.is_some() {
+        if let Err(e) = lock(&controller).start() {
+            cleanup();
+            return fail(e.0);
+        }
+    }
+    if let Some(server) = server {
+        let api_controller = controller.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fc_api".into())
+            .spawn(move || api_server::serve(server, api_controller));
+        if let Err(e) = spawned {
+            cleanup();
+            return fail(format!("cannot start the API thread: {e}"));
+        }
+    }
+
+    // Every vCPU thread holds a sender, and so does the controller: this waits until the guest
+    // stops or a vCPU fails.
+    let exit = exit_rx.recv();
+    if let Some(vmm) = lock(&controller).vmm() {
+        vmm.flush_console();
+    }
+    cleanup();
+    match exit {
+        Ok(exit) => {
+            match &exit {
+                VmExit::Reboot => {}
+                VmExit::Shutdown(why) => eprintln!("airlock-vmm: {why}; stopping the VM"),
+                VmExit::Error(why) => eprintln!("airlock-vmm: error: {why}"),
+            }
+            // Exit at once: the vCPU threads are still parked in KVM and need no orderly join.
+            airlock_vmm::vstate::vm::defer_kvm_teardown();
+            std::process::exit(exit.exit_code())
+        }
+        Err(_) => fail("every vCPU stopped without a reason"),
+    }
+}
+
