@@ -12,9 +12,13 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if ! rustup target list --installed | grep -qx "$target"; then
-    rustup target add "$target"
-fi
+# The guest's bare-metal target, and the static musl target the workspace builds for
+# (.cargo/config.toml), so that `cargo run` works right after this script.
+for t in "$target" x86_64-unknown-linux-musl; do
+    if ! rustup target list --installed | grep -qx "$t"; then
+        rustup target add "$t"
+    fi
+done
 if ! command -v objcopy >/dev/null 2>&1; then
     as_root apt-get update
     as_root apt-get install -y binutils

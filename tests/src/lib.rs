@@ -187,7 +187,10 @@ impl VmmProcess {
         let console = self.console.lock().unwrap().clone();
         let stderr = self.stderr.lock().unwrap().clone();
         let Some(status) = status else {
-            panic!("airlock-vmm did not exit within {timeout:?}\nconsole:\n{}\nstderr:\n{stderr}", console.join("\n"));
+            panic!(
+                "airlock-vmm did not exit within {timeout:?}\nconsole:\n{}\nstderr:\n{stderr}",
+                console.join("\n")
+            );
         };
         (status, console, stderr)
     }
@@ -213,9 +216,7 @@ pub fn api_request(socket: &Path, method: &str, path: &str, body: Option<&str>) 
     );
     stream.write_all(request.as_bytes()).expect("send request");
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read response");
+    stream.read_to_string(&mut response).expect("read response");
     let status = response
         .split_whitespace()
         .nth(1)

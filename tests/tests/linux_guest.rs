@@ -2,6 +2,7 @@
 //! `airlock-vmm check-host` says this host can run Linux guests. Elsewhere it prints one line
 //! saying why it did not run; that verdict comes from the host check, never from a guess.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -24,7 +25,10 @@ fn linux_kernel() -> PathBuf {
 fn linux_guest_boots_to_userspace_handoff() {
     let report = host_report();
     if report["linux_guests"] != serde_json::Value::Bool(true) {
-        println!(
+        // Straight to stderr: libtest captures print!/eprint! of passing tests, and this line
+        // must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
             "linux guest boot test not run: this host cannot run Linux guests: {}",
             report["reason"].as_str().unwrap_or("no reason given")
         );

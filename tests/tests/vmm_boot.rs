@@ -49,13 +49,19 @@ fn boot_with_api(kernel: &Path, scenario: &str, vcpus: u32, mem_mib: u64) {
     for (path, body) in [
         ("/boot-source", boot.to_string()),
         ("/machine-config", machine.to_string()),
-        ("/actions", r#"{"action_type": "InstanceStart"}"#.to_string()),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
     ] {
         let (status, reply) = api_request(&sock, "PUT", path, Some(&body));
         assert_eq!(status, 204, "PUT {path}: {reply}");
     }
     assert_probe_ok(&mut vmm, scenario);
-    assert!(!sock.exists(), "the API socket is removed when the VMM exits");
+    assert!(
+        !sock.exists(),
+        "the API socket is removed when the VMM exits"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -63,7 +69,7 @@ fn boot_with_api(kernel: &Path, scenario: &str, vcpus: u32, mem_mib: u64) {
 fn every_scenario_boots_through_the_config_file() {
     let kernel = test_guest("elf");
     for vcpus in [1, 2, 4] {
-        for scenario in ["boot", "smp", "mem:64"] {
+        for scenario in ["boot", "smp", "mem:1"] {
             boot_with_config_file(&kernel, scenario, vcpus, 128);
         }
     }
@@ -73,7 +79,7 @@ fn every_scenario_boots_through_the_config_file() {
 fn every_scenario_boots_through_the_api() {
     let kernel = test_guest("elf");
     for vcpus in [1, 2, 4] {
-        for scenario in ["boot", "smp", "mem:64"] {
+        for scenario in ["boot", "smp", "mem:1"] {
             boot_with_api(&kernel, scenario, vcpus, 128);
         }
     }
@@ -91,7 +97,7 @@ fn memory_above_the_mmio_hole_is_given_and_mapped() {
     // 4 GiB puts 768 MiB above 4 GiB; pages are only touched where the guest writes.
     let kernel = test_guest("elf");
     boot_with_config_file(&kernel, "boot", 1, 4096);
-    boot_with_config_file(&kernel, "mem:16", 2, 4096);
+    boot_with_config_file(&kernel, "mem:1", 2, 4096);
 }
 
 #[test]
@@ -120,7 +126,9 @@ fn pause_stops_the_counter_and_resume_continues_it() {
             "--config-file",
             config.to_str().unwrap(),
         ]);
-        vmm.wait_for_line(BOOT_TIMEOUT, |l| spin_number(l).is_some_and(|n| n >= 3))
+        let running = vmm
+            .wait_for_line(BOOT_TIMEOUT, |l| spin_number(l).is_some_and(|n| n >= 3))
+            .and_then(|l| spin_number(&l))
             .expect("the spin counter runs");
         let (status, body) = api_request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
         assert_eq!(status, 204, "pause: {body}");
@@ -133,18 +141,18 @@ fn pause_stops_the_counter_and_resume_continues_it() {
             .filter_map(|l| spin_number(l))
             .collect();
         let during = vmm.drain_lines(Duration::from_millis(400));
-        assert!(
-            during.is_empty(),
-            "the guest ran while paused: {during:?}"
-        );
-        let last = before.last().copied().unwrap_or(0);
+        assert!(during.is_empty(), "the guest ran while paused: {during:?}");
+        let last = before.last().copied().unwrap_or(running);
         let (status, body) = api_request(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
         assert_eq!(status, 204, "resume: {body}");
         let next = vmm
             .wait_for_line(Duration::from_secs(10), |l| spin_number(l).is_some())
             .and_then(|l| spin_number(&l))
             .expect("the counter goes on after resume");
-        assert!(next > last && next <= last + 3, "counter went from {last} to {next}");
+        assert!(
+            next > last && next <= last + 3,
+            "counter went from {last} to {next}"
+        );
         // Ctrl-Alt-Del ends the scenario cleanly.
         let (status, body) = api_request(
             &sock,
@@ -207,7 +215,11 @@ fn serial_output_can_go_to_a_file() {
 fn boot_timer_reports_ready_time_and_memory() {
     let dir = scratch_dir("timer");
     let path = dir.join("vm.json");
-    std::fs::write(&path, guest_config(&test_guest("elf"), "probe=boot", 1, 128)).unwrap();
+    std::fs::write(
+        &path,
+        guest_config(&test_guest("elf"), "probe=boot", 1, 128),
+    )
+    .unwrap();
     let mut vmm = VmmProcess::spawn(&[
         "--no-api",
         "--boot-timer",
@@ -220,8 +232,33 @@ fn boot_timer_reports_ready_time_and_memory() {
         .lines()
         .find(|l| l.contains("guest ready"))
         .unwrap_or_else(|| panic!("no ready line in {stderr}"));
-    for key in ["boot_time_us=", "monotonic_ns=", "rss_anon_kib=", "rss_file_kib="] {
+    for key in [
+        "boot_time_us=",
+        "monotonic_ns=",
+        "rss_anon_kib=",
+        "rss_file_kib=",
+    ] {
         assert!(line.contains(key), "{line}");
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn initrd_is_loaded_beside_the_kernel() {
+    let dir = scratch_dir("initrd");
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, vec![0x5a; 1 << 20]).unwrap();
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": test_guest("elf"),
+            "initrd_path": initrd,
+            "boot_args": "probe=boot expect_mem_mib=64",
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut vmm = VmmProcess::spawn(&["--no-api", "--config-file", path.to_str().unwrap()]);
+    assert_probe_ok(&mut vmm, "boot");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -11,7 +11,10 @@ fn run_expecting_error(args: &[&str], expected: &str) {
     let mut vmm = VmmProcess::spawn(args);
     let (status, _, stderr) = vmm.finish(TIMEOUT);
     assert!(!status.success(), "{args:?} should fail");
-    assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr:?}");
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in {stderr:?}"
+    );
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
 }
 
@@ -21,7 +24,7 @@ fn bad_config_files_are_refused_by_name() {
     let kernel = test_guest("elf");
     let not_kernel = dir.join("notes.txt");
     std::fs::write(&not_kernel, "just text, no kernel here").unwrap();
-    let cases: Vec<(String, &str)> = vec![
+    let mut cases: Vec<(String, &str)> = vec![
         (guest_config(&kernel, "probe=boot", 0, 64), "vcpu_count must be from 1 to 32, got 0"),
         (guest_config(&kernel, "probe=boot", 33, 64), "vcpu_count must be from 1 to 32, got 33"),
         (guest_config(&kernel, "probe=boot", 1, 0), "mem_size_mib must be at least 1"),
@@ -38,10 +41,23 @@ fn bad_config_files_are_refused_by_name() {
             "cannot open initrd /nonexistent/initrd",
         ),
     ];
+    let big_initrd = dir.join("big-initrd");
+    std::fs::write(&big_initrd, vec![0u8; 40 << 20]).unwrap();
+    cases.push((
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "initrd_path": big_initrd},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+        })
+        .to_string(),
+        "does not fit in guest memory above the kernel",
+    ));
     for (i, (config, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.json"));
         std::fs::write(&path, config).unwrap();
-        run_expecting_error(&["--no-api", "--config-file", path.to_str().unwrap()], expected);
+        run_expecting_error(
+            &["--no-api", "--config-file", path.to_str().unwrap()],
+            expected,
+        );
     }
     run_expecting_error(
         &["--no-api", "--config-file", "/nonexistent/vm.json"],
@@ -57,9 +73,15 @@ fn bad_command_lines_are_refused() {
     let dir = scratch_dir("sock");
     let existing = dir.join("taken.sock");
     std::fs::write(&existing, "").unwrap();
-    run_expecting_error(&["--api-sock", existing.to_str().unwrap()], "already exists");
+    run_expecting_error(
+        &["--api-sock", existing.to_str().unwrap()],
+        "already exists",
+    );
     let long = format!("/tmp/{}", "s".repeat(150));
-    run_expecting_error(&["--api-sock", &long], "Unix socket paths are limited to 107");
+    run_expecting_error(
+        &["--api-sock", &long],
+        "Unix socket paths are limited to 107",
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -69,12 +91,42 @@ fn api_errors_are_400_with_fault_message() {
     let sock = dir.join("api.sock");
     let _vmm = VmmProcess::spawn(&["--api-sock", sock.to_str().unwrap()]);
     let cases = [
-        ("PUT", "/machine-config", "{not json", "malformed JSON in PUT /machine-config"),
-        ("PUT", "/machine-config", r#"{"vcpu_count": 64, "mem_size_mib": 128}"#, "got 64"),
-        ("PUT", "/boot-source", r#"{"kernel_image_path": "/nonexistent"}"#, "cannot open kernel image"),
-        ("PATCH", "/vm", r#"{"state": "Paused"}"#, "not supported before starting"),
-        ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, "no boot source"),
-        ("GET", "/no/such/thing", "", "Invalid request method and/or path"),
+        (
+            "PUT",
+            "/machine-config",
+            "{not json",
+            "malformed JSON in PUT /machine-config",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 64, "mem_size_mib": 128}"#,
+            "got 64",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/nonexistent"}"#,
+            "cannot open kernel image",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state": "Paused"}"#,
+            "not supported before starting",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+            "no boot source",
+        ),
+        (
+            "GET",
+            "/no/such/thing",
+            "",
+            "Invalid request method and/or path",
+        ),
     ];
     for (method, path, body, expected) in cases {
         let (status, reply) = api_request(&sock, method, path, Some(body));
@@ -99,7 +151,11 @@ fn configuration_after_start_is_refused() {
     let dir = scratch_dir("afterstart");
     let sock = dir.join("api.sock");
     let config = dir.join("vm.json");
-    std::fs::write(&config, guest_config(&test_guest("elf"), "probe=spin", 1, 32)).unwrap();
+    std::fs::write(
+        &config,
+        guest_config(&test_guest("elf"), "probe=spin", 1, 32),
+    )
+    .unwrap();
     let vmm = VmmProcess::spawn(&[
         "--api-sock",
         sock.to_str().unwrap(),
@@ -109,7 +165,11 @@ fn configuration_after_start_is_refused() {
     vmm.wait_for_line(TIMEOUT, |l| l.starts_with("SPIN "))
         .expect("guest runs");
     for (method, path, body) in [
-        ("PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+        ),
         ("PATCH", "/machine-config", r#"{"vcpu_count": 2}"#),
         ("PUT", "/boot-source", r#"{"kernel_image_path": "/x"}"#),
         ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
@@ -125,6 +185,9 @@ fn configuration_after_start_is_refused() {
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["machine-config"]["vcpu_count"], 1);
-    assert!(v["boot-source"]["boot_args"].as_str().unwrap().contains("probe=spin"));
+    assert!(v["boot-source"]["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("probe=spin"));
     let _ = std::fs::remove_dir_all(dir);
 }

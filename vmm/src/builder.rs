@@ -121,7 +121,10 @@ pub fn build_and_boot(
     setup_mptable(&memory.mem, vcpu_count)?;
 
     vm.setup_irqchip()?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(vm.irq_line(COM1_IRQ)?, console)));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        vm.irq_line(COM1_IRQ)?,
+        console,
+    )));
     let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(vm.irq_line(I8042_IRQ)?))));
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(
         opts.start_time,

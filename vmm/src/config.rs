@@ -141,7 +141,7 @@ impl MachineConfig {
         if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
             return Err(ConfigError::InvalidVcpuCount(self.vcpu_count));
         }
-        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 != 0 {
+        if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
             return Err(ConfigError::SmtNeedsEvenVcpus(self.vcpu_count));
         }
         if self.mem_size_mib == 0 {
@@ -210,7 +210,11 @@ pub struct SerialConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSourceConfig>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
@@ -287,7 +291,10 @@ mod tests {
         assert!(machine(32, 128).validate_against(None).is_ok());
         for bad in [0, 33, 300] {
             let err = machine(bad, 128).validate_against(None).unwrap_err();
-            assert_eq!(err.to_string(), format!("vcpu_count must be from 1 to 32, got {bad}"));
+            assert_eq!(
+                err.to_string(),
+                format!("vcpu_count must be from 1 to 32, got {bad}")
+            );
         }
     }
 
@@ -341,13 +348,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown field `gpus`"), "{err}");
-        assert!(err.starts_with("malformed JSON in PUT /machine-config"), "{err}");
+        assert!(
+            err.starts_with("malformed JSON in PUT /machine-config"),
+            "{err}"
+        );
         let err = parse_body::<BootSourceConfig>("{not json", "PUT /boot-source").unwrap_err();
         assert!(err.to_string().contains("PUT /boot-source"));
         let err = VmConfig::from_json(r#"{"boot-source": {}, "extra": 1}"#, "config file x")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("missing field `kernel_image_path`") || err.contains("unknown field"), "{err}");
+        assert!(
+            err.contains("missing field `kernel_image_path`") || err.contains("unknown field"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -368,8 +381,11 @@ mod tests {
 
     #[test]
     fn config_file_needs_kernel_and_refuses_unbuilt_devices() {
-        let err = VmConfig::from_json(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#, "f")
-            .unwrap_err();
+        let err = VmConfig::from_json(
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+            "f",
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::MissingBootSource));
         let err = VmConfig::from_json(
             r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "drives": [{"drive_id": "root"}]}"#,
@@ -377,19 +393,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::NotImplemented("drives")));
-        let err = VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#, "f")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot open kernel image /nonexistent/k"), "{err}");
+        let err = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#,
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cannot open kernel image /nonexistent/k"),
+            "{err}"
+        );
     }
 
     #[test]
     fn huge_pages_and_templates_other_than_none_are_refused() {
         let mut m = machine(1, 64);
         m.huge_pages = "2M".into();
-        assert!(matches!(m.validate_against(None), Err(ConfigError::HugePages(_))));
+        assert!(matches!(
+            m.validate_against(None),
+            Err(ConfigError::HugePages(_))
+        ));
         let mut m = machine(1, 64);
         m.cpu_template = Some("T2".into());
-        assert!(matches!(m.validate_against(None), Err(ConfigError::CpuTemplate(_))));
+        assert!(matches!(
+            m.validate_against(None),
+            Err(ConfigError::CpuTemplate(_))
+        ));
     }
 }

@@ -154,4 +154,3 @@ fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
         Err(_) => fail("every vCPU stopped without a reason"),
     }
 }
-

@@ -119,23 +119,65 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     match format {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            // linux-loader skips segments with no file bytes (.bss): the kernel's memory ends
+            // where its last segment's memory ends, which nothing else may overlap.
+            let memsz_end = elf_memory_end(&mut file).unwrap_or(0);
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load,
-                kernel_end: r.kernel_end,
+                kernel_end: r.kernel_end.max(memsz_end),
                 setup_header: None,
             })
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            // The kernel decompresses and runs within init_size bytes of where it was loaded.
+            let init_end = r
+                .setup_header
+                .map(|h| r.kernel_load.0 + u64::from(h.init_size))
+                .unwrap_or(0);
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
-                kernel_end: r.kernel_end,
+                kernel_end: r.kernel_end.max(init_end),
                 setup_header: r.setup_header,
             })
         }
     }
+}
+
+const ELF_PT_LOAD: u32 = 1;
+/// More program headers than any kernel has; a bound so a hostile file cannot make us loop long.
+const ELF_MAX_PHDRS: u16 = 256;
+
+/// One past the highest physical address any PT_LOAD segment occupies in memory (file bytes and
+/// zero-filled tail alike), or None if the headers cannot be read.
+pub fn elf_memory_end<R: Read + Seek>(file: &mut R) -> Option<u64> {
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(&mut ehdr).ok()?;
+    let phoff = u64::from_le_bytes(ehdr[0x20..0x28].try_into().ok()?);
+    let phentsize = u16::from_le_bytes([ehdr[0x36], ehdr[0x37]]);
+    let phnum = u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]).min(ELF_MAX_PHDRS);
+    if phentsize < 0x30 {
+        return None;
+    }
+    let mut end = 0u64;
+    for i in 0..u64::from(phnum) {
+        let mut phdr = [0u8; 0x30];
+        file.seek(SeekFrom::Start(
+            phoff.checked_add(i.checked_mul(u64::from(phentsize))?)?,
+        ))
+        .ok()?;
+        file.read_exact(&mut phdr).ok()?;
+        if u32::from_le_bytes(phdr[0..4].try_into().ok()?) != ELF_PT_LOAD {
+            continue;
+        }
+        let paddr = u64::from_le_bytes(phdr[0x18..0x20].try_into().ok()?);
+        let memsz = u64::from_le_bytes(phdr[0x28..0x30].try_into().ok()?);
+        end = end.max(paddr.saturating_add(memsz));
+    }
+    Some(end)
 }
 
 /// Where an initrd of `size` bytes goes: the highest page-aligned spot in low RAM, which must lie
@@ -275,7 +317,9 @@ mod tests {
     fn e820_matches_memory_given() {
         // boot_e820_entry is packed: copy fields out before comparing.
         let fields = |map: &[boot_e820_entry]| -> Vec<(u64, u64, u32)> {
-            map.iter().map(|e| ({ e.addr }, { e.size }, { e.r#type })).collect()
+            map.iter()
+                .map(|e| ({ e.addr }, { e.size }, { e.r#type }))
+                .collect()
         };
         let small = fields(&e820_map(128 << 20));
         assert_eq!(
@@ -311,9 +355,11 @@ mod tests {
 
     #[test]
     fn bzimage_header_is_kept() {
-        let mut setup = setup_header::default();
-        setup.version = 0x20f;
-        setup.loadflags = 1;
+        let setup = setup_header {
+            version: 0x20f,
+            loadflags: 1,
+            ..Default::default()
+        };
         let p = zero_page(64 << 20, 0, Some(setup), None);
         let hdr = p.hdr;
         assert_eq!({ hdr.version }, 0x20f);
@@ -322,8 +368,14 @@ mod tests {
 
     #[test]
     fn initrd_goes_high_but_above_kernel() {
-        assert_eq!(initrd_address(64 << 20, 0x20_0000, 4096), Some((64 << 20) - 4096));
-        assert_eq!(initrd_address(64 << 20, 0x20_0000, 4097), Some((64 << 20) - 8192));
+        assert_eq!(
+            initrd_address(64 << 20, 0x20_0000, 4096),
+            Some((64 << 20) - 4096)
+        );
+        assert_eq!(
+            initrd_address(64 << 20, 0x20_0000, 4097),
+            Some((64 << 20) - 8192)
+        );
         assert_eq!(initrd_address(8 << 20, 0x70_0000, 2 << 20), None);
         assert_eq!(initrd_address(1 << 20, 0, 2 << 20), None);
         assert_eq!(
@@ -336,7 +388,10 @@ mod tests {
     fn detects_formats_and_refuses_other_files() {
         let text = temp_file("text", b"this is not a kernel, just some text in a file");
         let err = check_kernel_file(&text).unwrap_err().to_string();
-        assert!(err.contains("neither an ELF vmlinux nor a bzImage"), "{err}");
+        assert!(
+            err.contains("neither an ELF vmlinux nor a bzImage"),
+            "{err}"
+        );
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         let bz = temp_file("bz", &bz);
@@ -350,7 +405,9 @@ mod tests {
             .to_string()
             .contains("not a 64-bit x86 kernel"));
         let missing = check_kernel_file(Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(missing.to_string().contains("cannot open kernel image /nonexistent/vmlinux"));
+        assert!(missing
+            .to_string()
+            .contains("cannot open kernel image /nonexistent/vmlinux"));
         for p in [text, bz, elf32] {
             let _ = std::fs::remove_file(p);
         }
@@ -358,7 +415,7 @@ mod tests {
 
     #[test]
     fn truncated_elf_is_a_load_error_not_a_panic() {
-        let mut elf = vec![0u8; 64];
+        let mut elf = [0u8; 64];
         elf[..4].copy_from_slice(ELF_MAGIC);
         elf[4] = ELF_CLASS_64;
         elf[18] = ELF_MACHINE_X86_64 as u8;
@@ -369,13 +426,48 @@ mod tests {
         let _ = std::fs::remove_file(path);
     }
 
+    fn elf_with_segments(segments: &[(u32, u64, u64)]) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56 * segments.len()];
+        elf[..4].copy_from_slice(ELF_MAGIC);
+        elf[4] = ELF_CLASS_64;
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        for (i, (kind, paddr, memsz)) in segments.iter().enumerate() {
+            let ph = 64 + 56 * i;
+            elf[ph..ph + 4].copy_from_slice(&kind.to_le_bytes());
+            elf[ph + 0x18..ph + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            elf[ph + 0x28..ph + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        }
+        elf
+    }
+
+    #[test]
+    fn elf_memory_end_counts_bss_only_segments() {
+        let elf = elf_with_segments(&[
+            (1, 0x10_0000, 0x1000),
+            (4, 0x90_0000, 0x1000),
+            (1, 0x20_0000, 0x15_e000),
+        ]);
+        let end = elf_memory_end(&mut std::io::Cursor::new(elf)).unwrap();
+        assert_eq!(end, 0x35_e000);
+        let mut bad = elf_with_segments(&[(1, u64::MAX, 2)]);
+        assert_eq!(
+            elf_memory_end(&mut std::io::Cursor::new(bad.clone())),
+            Some(u64::MAX)
+        );
+        bad.truncate(70);
+        assert_eq!(elf_memory_end(&mut std::io::Cursor::new(bad)), None);
+    }
+
     #[test]
     fn cmdline_and_zero_page_land_in_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let cmdline = build_cmdline("console=ttyS0 probe=boot").unwrap();
         write_boot_params(&mem, 4 << 20, &cmdline, None, None).unwrap();
         let mut buf = [0u8; 25];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf[..24], b"console=ttyS0 probe=boot");
         assert_eq!(buf[24], 0);
         let entries: u8 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x1e8)).unwrap();

@@ -58,8 +58,7 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmExitRequest> {
-        if offset != 0 || data.first() != Some(&BOOT_TIMER_MAGIC) || self.ready_after_us.is_some()
-        {
+        if offset != 0 || data.first() != Some(&BOOT_TIMER_MAGIC) || self.ready_after_us.is_some() {
             return None;
         }
         let now_ns = monotonic_ns();
@@ -71,9 +70,7 @@ impl BusDevice for BootTimer {
                     format!(" rss_anon_kib={anon} rss_file_kib={file} rss_shmem_kib={shmem}")
                 })
                 .unwrap_or_default();
-            eprintln!(
-                "airlock-vmm: guest ready: boot_time_us={us} monotonic_ns={now_ns}{mem}"
-            );
+            eprintln!("airlock-vmm: guest ready: boot_time_us={us} monotonic_ns={now_ns}{mem}");
         }
         None
     }

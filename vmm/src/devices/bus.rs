@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(bus.write(0x3f8, &[1]), None);
         assert_eq!(bus.write(0x3f9, &[0xfe]), Some(VmExitRequest::Reboot));
         assert_eq!(bus.write(0x500, &[0xfe]), None);
-        assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![1]), (1, vec![0xfe])]);
+        assert_eq!(
+            dev.lock().unwrap().writes,
+            vec![(0, vec![1]), (1, vec![0xfe])]
+        );
     }
 
     #[test]

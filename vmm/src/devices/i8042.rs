@@ -201,7 +201,10 @@ mod tests {
     #[test]
     fn reset_command_requests_reboot() {
         let (mut d, _) = device();
-        assert_eq!(d.write(OFS_STATUS, &[CMD_RESET_CPU]), Some(VmExitRequest::Reboot));
+        assert_eq!(
+            d.write(OFS_STATUS, &[CMD_RESET_CPU]),
+            Some(VmExitRequest::Reboot)
+        );
         assert_eq!(d.write(OFS_DATA, &[CMD_RESET_CPU]), None);
         assert_eq!(d.write(OFS_STATUS, &[]), None);
     }

@@ -97,7 +97,8 @@ mod tests {
             bind(Path::new(&long)).err(),
             Some(ApiServerError::PathTooLong { .. })
         ));
-        let existing = std::env::temp_dir().join(format!("airlock-api-exists-{}", std::process::id()));
+        let existing =
+            std::env::temp_dir().join(format!("airlock-api-exists-{}", std::process::id()));
         std::fs::write(&existing, b"").unwrap();
         let err = bind(&existing).err().unwrap().to_string();
         assert!(err.contains("already exists"), "{err}");

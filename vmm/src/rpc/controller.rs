@@ -168,9 +168,9 @@ impl Controller {
                 "vmm_version": env!("CARGO_PKG_VERSION"),
                 "app_name": "airlock-vmm",
             }))),
-            ApiRequest::GetMachineConfig => Ok(Json(serde_json::to_value(
-                &self.config.machine_config,
-            )?)),
+            ApiRequest::GetMachineConfig => {
+                Ok(Json(serde_json::to_value(&self.config.machine_config)?))
+            }
             ApiRequest::GetVmConfig => Ok(Json(serde_json::to_value(&self.config)?)),
             ApiRequest::PutMachineConfig(m) => {
                 self.before_start()?;
@@ -231,7 +231,12 @@ mod tests {
         Controller::new("test".into(), VmConfig::default(), opts, tx)
     }
 
-    fn call(c: &mut Controller, method: &str, path: &str, body: &str) -> Result<ApiResponse, ApiError> {
+    fn call(
+        c: &mut Controller,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<ApiResponse, ApiError> {
         route(method, path, body).and_then(|r| c.handle(r))
     }
 
@@ -249,7 +254,12 @@ mod tests {
     fn machine_config_put_get_patch() {
         let mut c = controller();
         assert_eq!(
-            call(&mut c, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+            call(
+                &mut c,
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 2, "mem_size_mib": 256}"#
+            ),
             Ok(ApiResponse::NoContent)
         );
         assert_eq!(
@@ -259,34 +269,126 @@ mod tests {
         let ApiResponse::Json(v) = call(&mut c, "GET", "/machine-config", "").unwrap() else {
             panic!("expected JSON");
         };
-        assert_eq!((v["vcpu_count"].as_u64(), v["mem_size_mib"].as_u64()), (Some(4), Some(256)));
+        assert_eq!(
+            (v["vcpu_count"].as_u64(), v["mem_size_mib"].as_u64()),
+            (Some(4), Some(256))
+        );
     }
 
     #[test]
     fn every_bad_request_names_its_problem() {
         let mut c = controller();
         let cases = [
-            ("PUT", "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 128}"#, "vcpu_count must be from 1 to 32, got 0"),
-            ("PUT", "/machine-config", r#"{"vcpu_count": 33, "mem_size_mib": 128}"#, "got 33"),
-            ("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 0}"#, "mem_size_mib must be at least 1"),
-            ("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 1000000}"#, "mem_size_mib 1000000"),
-            ("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#, "unknown field `bogus`"),
-            ("PUT", "/machine-config", "{", "malformed JSON in PUT /machine-config"),
-            ("PUT", "/boot-source", r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#, "cannot open kernel image /nonexistent/vmlinux"),
-            ("PUT", "/boot-source", r#"{"kernel_image_path": "/proc/self/status"}"#, "neither an ELF vmlinux nor a bzImage"),
-            ("PUT", "/boot-source", r#"{"kernel": "x"}"#, "unknown field `kernel`"),
-            ("PUT", "/actions", r#"{"action_type": "Explode"}"#, "unknown variant `Explode`"),
-            ("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#, NOT_SUPPORTED_BEFORE_START),
-            ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, "no boot source"),
-            ("PATCH", "/vm", r#"{"state": "Paused"}"#, NOT_SUPPORTED_BEFORE_START),
-            ("PATCH", "/vm", r#"{"state": "Frozen"}"#, "unknown variant `Frozen`"),
-            ("PUT", "/drives/rootfs", r#"{}"#, "\"drives\" is not implemented yet"),
-            ("GET", "/nothing/here", "", "Invalid request method and/or path: GET /nothing/here."),
-            ("DELETE", "/machine-config", "", "Invalid request method and/or path"),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
+                "vcpu_count must be from 1 to 32, got 0",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 33, "mem_size_mib": 128}"#,
+                "got 33",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 0}"#,
+                "mem_size_mib must be at least 1",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 1000000}"#,
+                "mem_size_mib 1000000",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#,
+                "unknown field `bogus`",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                "{",
+                "malformed JSON in PUT /machine-config",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#,
+                "cannot open kernel image /nonexistent/vmlinux",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/proc/self/status"}"#,
+                "neither an ELF vmlinux nor a bzImage",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                r#"{"kernel": "x"}"#,
+                "unknown field `kernel`",
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "Explode"}"#,
+                "unknown variant `Explode`",
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+                NOT_SUPPORTED_BEFORE_START,
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#,
+                "no boot source",
+            ),
+            (
+                "PATCH",
+                "/vm",
+                r#"{"state": "Paused"}"#,
+                NOT_SUPPORTED_BEFORE_START,
+            ),
+            (
+                "PATCH",
+                "/vm",
+                r#"{"state": "Frozen"}"#,
+                "unknown variant `Frozen`",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                r#"{}"#,
+                "\"drives\" is not implemented yet",
+            ),
+            (
+                "GET",
+                "/nothing/here",
+                "",
+                "Invalid request method and/or path: GET /nothing/here.",
+            ),
+            (
+                "DELETE",
+                "/machine-config",
+                "",
+                "Invalid request method and/or path",
+            ),
         ];
         for (method, path, body, expected) in cases {
             let err = call(&mut c, method, path, body).unwrap_err();
-            assert!(err.0.contains(expected), "{method} {path} {body}: got {:?}", err.0);
+            assert!(
+                err.0.contains(expected),
+                "{method} {path} {body}: got {:?}",
+                err.0
+            );
         }
         // Nothing a refused request carried was applied.
         assert_eq!(c.config.machine_config, MachineConfig::default());

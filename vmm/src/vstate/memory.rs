@@ -38,7 +38,8 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     let mut ranges = Vec::new();
     for (start, len) in ram_regions(size) {
         let file_offset = FileOffset::new(
-            file.try_clone().map_err(|e| MemoryError::Map(e.to_string()))?,
+            file.try_clone()
+                .map_err(|e| MemoryError::Map(e.to_string()))?,
             offset,
         );
         ranges.push((GuestAddress(start), len as usize, Some(file_offset)));

@@ -177,7 +177,9 @@ impl VcpuRunner {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(WAIT_FOR_SIPI_MAX);
                 }
-                Err(e) => break VmExit::Error(format!("KVM_RUN failed on vCPU {}: {e}", self.index)),
+                Err(e) => {
+                    break VmExit::Error(format!("KVM_RUN failed on vCPU {}: {e}", self.index))
+                }
             }
         };
         let exit = match exit {
@@ -254,15 +256,22 @@ mod tests {
     #[test]
     fn exits_map_to_stop_reasons() {
         let mut pio = Bus::new();
-        pio.insert(Arc::new(Mutex::new(ResetPort)), 0x64, 1).unwrap();
+        pio.insert(Arc::new(Mutex::new(ResetPort)), 0x64, 1)
+            .unwrap();
         let mmio = Bus::new();
-        assert_eq!(handle_exit(0, VcpuExit::IoOut(0x64, &[1]), &pio, &mmio), None);
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoOut(0x64, &[1]), &pio, &mmio),
+            None
+        );
         assert_eq!(
             handle_exit(0, VcpuExit::IoOut(0x64, &[0xfe]), &pio, &mmio),
             Some(VmExit::Reboot)
         );
         let mut data = [0u8; 1];
-        assert_eq!(handle_exit(0, VcpuExit::IoIn(0x64, &mut data), &pio, &mmio), None);
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoIn(0x64, &mut data), &pio, &mmio),
+            None
+        );
         assert_eq!(data, [0x42]);
         let mut wide = [0u8; 4];
         handle_exit(0, VcpuExit::MmioRead(0x1000, &mut wide), &pio, &mmio);

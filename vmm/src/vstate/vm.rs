@@ -5,7 +5,7 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
@@ -62,9 +62,9 @@ impl Vm {
             0
         };
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT)))?;
+            let host = mem.get_host_address(region.start_addr()).map_err(|_| {
+                VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT))
+            })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags,
@@ -99,8 +99,12 @@ impl Vm {
 
     /// An interrupt line: writing the returned eventfd raises `gsi`.
     pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmError::Kvm("create an eventfd", kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+            VmError::Kvm(
+                "create an eventfd",
+                kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        })?;
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(|e| VmError::Kvm("register an irqfd", e))?;
