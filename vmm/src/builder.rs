@@ -1,7 +1,8 @@
-//! Turns a validated [`VmConfig`] into a running VM: memory, kernel, boot tables, devices, vCPUs.
-//! The order matters for speed: memory slots are registered before the irqchip and vCPUs exist.
+//! Turns a validated [`VmConfig`] into a running VM (memory, kernel, boot tables, devices, vCPUs),
+//! or a snapshot back into one. Memory slots are registered before the irqchip and vCPUs exist:
+//! on the development hosts that order is 50x cheaper.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::Sender;
@@ -18,9 +19,16 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::lock;
 use crate::devices::i8042::{I8042Error, I8042, I8042_IRQ, I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use crate::devices::vm_generation::{VmGeneration, VM_GENERATION_ADDR, VM_GENERATION_LEN};
 use crate::devices::{Bus, BusError};
-use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::persist::{
+    self, CreateSnapshotRequest, DeviceStates, LoadSnapshotRequest, MemBackendType, SnapshotConfig,
+    SnapshotFileError, SnapshotType, VmSnapshot,
+};
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::uffd::{self, FaultRegion, Userfaultfd};
 use crate::vstate::vcpu::{install_kick_handler, VcpuHandle, VcpuRunner, VmExit};
+use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,12 @@ pub enum StartError {
     Bus(#[from] BusError),
     #[error("{0}")]
     Thread(String),
+    #[error("{0}")]
+    SnapshotFile(#[from] SnapshotFileError),
+    #[error("cannot restore the snapshot: {0}")]
+    VcpuState(#[from] VcpuStateError),
+    #[error("cannot restore the snapshot: {0}")]
+    Snapshot(String),
 }
 
 pub struct StartOptions {
@@ -57,13 +71,22 @@ pub struct StartOptions {
 
 /// A running (or paused) VM. Dropping it does not stop the vCPU threads: the VMM process exits.
 pub struct Vmm {
-    // Kept alive for as long as the vCPUs run: the VM fd owns the memory slots that point here.
-    _vm: Vm,
+    vm: Vm,
     pub memory: GuestMemory,
     vcpus: Vec<VcpuHandle>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    config: SnapshotConfig,
+    generation: u128,
+    dirty_tracking: bool,
     paused: bool,
+}
+
+/// What a snapshot wrote, for the caller's log.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotReport {
+    pub memory_bytes_written: u64,
+    pub elapsed_us: u64,
 }
 
 fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, StartError> {
@@ -81,6 +104,80 @@ fn console_writer(path: Option<&Path>) -> Result<Box<dyn Write + Send>, StartErr
     }
 }
 
+// Both pseudo devices share the boot timer's page.
+const _: () = assert!(VM_GENERATION_ADDR + VM_GENERATION_LEN <= BOOT_TIMER_ADDR + BOOT_TIMER_SIZE);
+
+struct Devices {
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    generation: u128,
+}
+
+/// The legacy devices and buses, fresh or from a snapshot's device states.
+fn attach_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    saved: Option<&DeviceStates>,
+    generation: VmGeneration,
+    opts: &StartOptions,
+) -> Result<Devices, StartError> {
+    let console = console_writer(
+        config
+            .serial
+            .as_ref()
+            .and_then(|s| s.serial_out_path.as_deref()),
+    )?;
+    let serial_irq = vm.irq_line(COM1_IRQ)?;
+    let kbd_irq = Box::new(vm.irq_line(I8042_IRQ)?);
+    let (serial, i8042) = match saved {
+        Some(states) => (
+            SerialDevice::from_snapshot(serial_irq, console, &states.serial)
+                .map_err(StartError::Snapshot)?,
+            I8042::from_snapshot(kbd_irq, &states.i8042),
+        ),
+        None => (SerialDevice::new(serial_irq, console), I8042::new(kbd_irq)),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(i8042));
+    let boot_timer = BootTimer::new(opts.start_time, opts.report_boot_time);
+    let generation_id = generation.id();
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
+    pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
+    let mut mmio = Bus::new();
+    mmio.insert(
+        Arc::new(Mutex::new(boot_timer)),
+        BOOT_TIMER_ADDR,
+        VM_GENERATION_ADDR - BOOT_TIMER_ADDR,
+    )?;
+    mmio.insert(
+        Arc::new(Mutex::new(generation)),
+        VM_GENERATION_ADDR,
+        VM_GENERATION_LEN,
+    )?;
+    Ok(Devices {
+        serial,
+        i8042,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        generation: generation_id,
+    })
+}
+
+fn spawn_vcpus(
+    runners: Vec<VcpuRunner>,
+    start_paused: bool,
+) -> Result<Vec<VcpuHandle>, StartError> {
+    install_kick_handler().map_err(StartError::Thread)?;
+    runners
+        .into_iter()
+        .map(|r| r.spawn(start_paused))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartError::Thread)
+}
+
 pub fn build_and_boot(
     config: &VmConfig,
     opts: &StartOptions,
@@ -94,15 +191,9 @@ pub fn build_and_boot(
     let machine = &config.machine_config;
     let mem_size = machine.mem_size_bytes();
     let vcpu_count = machine.vcpu_count as u8;
-    let console = console_writer(
-        config
-            .serial
-            .as_ref()
-            .and_then(|s| s.serial_out_path.as_deref()),
-    )?;
 
     let vm = Vm::new()?;
-    let memory = create_guest_memory(mem_size)?;
+    let memory = memory::create_guest_memory(mem_size)?;
     vm.register_memory(&memory.mem, machine.track_dirty_pages)?;
 
     let kernel = boot::load_kernel(&memory.mem, Path::new(&boot_source.kernel_image_path))?;
@@ -121,24 +212,10 @@ pub fn build_and_boot(
     setup_mptable(&memory.mem, vcpu_count)?;
 
     vm.setup_irqchip()?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        vm.irq_line(COM1_IRQ)?,
-        console,
-    )));
-    let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(vm.irq_line(I8042_IRQ)?))));
-    let boot_timer = Arc::new(Mutex::new(BootTimer::new(
-        opts.start_time,
-        opts.report_boot_time,
-    )));
-    let mut pio = Bus::new();
-    pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
-    pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
-    let mut mmio = Bus::new();
-    mmio.insert(boot_timer, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-
+    let devices = attach_devices(&vm, config, None, VmGeneration::cold_boot(), opts)?;
     let supported = vm.supported_cpuid()?;
     let topology = Topology::new(vcpu_count, machine.smt);
+    let msr_indices = Arc::new(vm.msr_indices());
     let mut runners = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
         let fd = vm.create_vcpu(index)?;
@@ -148,31 +225,200 @@ pub fn build_and_boot(
         runners.push(VcpuRunner {
             index,
             fd,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
+            msr_indices: msr_indices.clone(),
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
             exit_tx: exit_tx.clone(),
         });
     }
-    install_kick_handler().map_err(StartError::Thread)?;
-    let vcpus = runners
-        .into_iter()
-        .map(VcpuRunner::spawn)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(StartError::Thread)?;
-
+    let vcpus = spawn_vcpus(runners, false)?;
     Ok(Vmm {
-        _vm: vm,
+        vm,
         memory,
         vcpus,
-        serial,
-        i8042,
+        serial: devices.serial,
+        i8042: devices.i8042,
+        config: SnapshotConfig {
+            vcpu_count,
+            mem_size_mib: machine.mem_size_mib,
+            smt: machine.smt,
+            kernel_image_path: boot_source.kernel_image_path.clone(),
+            initrd_path: boot_source.initrd_path.clone(),
+            boot_args: boot_source.boot_args.clone(),
+        },
+        generation: devices.generation,
+        dirty_tracking: machine.track_dirty_pages,
         paused: false,
+    })
+}
+
+/// Starts the userfaultfd handler (and, if asked, the prefetcher) for a `Uffd`-backed restore.
+fn serve_memory_faults(
+    memory: &GuestMemory,
+    file: File,
+    prefetch: bool,
+    exit_tx: Sender<VmExit>,
+) -> Result<(), StartError> {
+    let uffd = Arc::new(
+        Userfaultfd::new().map_err(|e| StartError::Snapshot(format!("userfaultfd: {e}")))?,
+    );
+    let regions: Vec<FaultRegion> = memory
+        .host_regions()
+        .into_iter()
+        .map(|(host_addr, len, file_offset)| FaultRegion {
+            host_addr,
+            len,
+            file_offset,
+        })
+        .collect();
+    for r in &regions {
+        uffd.register(r.host_addr, r.len).map_err(|e| {
+            StartError::Snapshot(format!(
+                "cannot register guest memory with userfaultfd: {e}"
+            ))
+        })?;
+    }
+    let file = Arc::new(file);
+    let (handler_uffd, handler_file, handler_regions) =
+        (uffd.clone(), file.clone(), regions.clone());
+    std::thread::Builder::new()
+        .name("fc_uffd".into())
+        .spawn(move || {
+            let mut page = vec![0u8; uffd::PAGE_SIZE as usize];
+            loop {
+                let served = handler_uffd.next_fault().and_then(|fault| match fault {
+                    Some(addr) => uffd::serve_page(
+                        &handler_uffd,
+                        &handler_file,
+                        &handler_regions,
+                        addr,
+                        &mut page,
+                    ),
+                    None => Ok(()),
+                });
+                if let Err(e) = served {
+                    // A fault left unserved would hang the guest forever: stop the VM instead.
+                    let _ = exit_tx.send(VmExit::Error(format!("userfaultfd handler: {e}")));
+                    return;
+                }
+            }
+        })
+        .map_err(|e| StartError::Thread(format!("cannot start the userfaultfd handler: {e}")))?;
+    if prefetch {
+        std::thread::Builder::new()
+            .name("fc_uffd_prefetch".into())
+            .spawn(move || {
+                for r in regions {
+                    if let Err(e) = uffd::populate_region(&uffd, &file, r) {
+                        // The fault handler still serves every page; only the head start is lost.
+                        eprintln!("airlock-vmm: memory prefetch stopped: {e}");
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StartError::Thread(format!("cannot start the memory prefetcher: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Restores a VM from a snapshot (`PUT /snapshot/load`). The returned VM runs if `resume_vm`
+/// was set, and is paused otherwise.
+pub fn restore_from_snapshot(
+    request: &LoadSnapshotRequest,
+    config: &VmConfig,
+    opts: &StartOptions,
+    exit_tx: Sender<VmExit>,
+) -> Result<Vmm, StartError> {
+    let snap = persist::read_state_file(&request.snapshot_path)?;
+    if let Some(o) = request.network_overrides.first() {
+        return Err(StartError::Snapshot(format!(
+            "network_overrides: the snapshot has no network interface {:?}",
+            o.iface_id
+        )));
+    }
+    if request.vsock_override.is_some() {
+        return Err(StartError::Snapshot(
+            "vsock_override: the snapshot has no vsock device".into(),
+        ));
+    }
+    let backend = request.backend().map_err(StartError::Snapshot)?;
+    let vcpu_count = snap.config.vcpu_count;
+    if vcpu_count == 0
+        || u64::from(vcpu_count) > crate::config::MAX_VCPUS
+        || snap.vcpus.len() != usize::from(vcpu_count)
+    {
+        return Err(StartError::Snapshot(format!(
+            "{} is inconsistent: {} vCPU states for {} vCPUs",
+            request.snapshot_path,
+            snap.vcpus.len(),
+            vcpu_count
+        )));
+    }
+    let size = snap.config.mem_size_mib << 20;
+    let file = memory::open_memory_file(&backend.backend_path, size)?;
+    let dirty_tracking = request.dirty_tracking();
+
+    let vm = Vm::new()?;
+    let memory = match backend.backend_type {
+        MemBackendType::File => memory::map_private_file(file, size)?,
+        MemBackendType::Uffd => memory::anonymous_for_uffd(size)?,
+    };
+    vm.register_memory(&memory.mem, dirty_tracking)?;
+    if backend.backend_type == MemBackendType::Uffd {
+        let file = memory::open_memory_file(&backend.backend_path, size)?;
+        serve_memory_faults(&memory, file, backend.prefetch, exit_tx.clone())?;
+    }
+    vm.setup_irqchip()?;
+    let devices = attach_devices(
+        &vm,
+        config,
+        Some(&snap.devices),
+        VmGeneration::fresh(),
+        opts,
+    )?;
+    let msr_indices = Arc::new(vm.msr_indices());
+    let mut runners = Vec::with_capacity(usize::from(vcpu_count));
+    for (index, state) in snap.vcpus.iter().enumerate() {
+        let index = index as u8;
+        let fd = vm.create_vcpu(index)?;
+        state.restore(index, &fd)?;
+        runners.push(VcpuRunner {
+            index,
+            fd,
+            msr_indices: msr_indices.clone(),
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            exit_tx: exit_tx.clone(),
+        });
+    }
+    vm.restore_state(&snap.vm)?;
+    let vcpus = spawn_vcpus(runners, !request.resume_vm)?;
+    Ok(Vmm {
+        vm,
+        memory,
+        vcpus,
+        serial: devices.serial,
+        i8042: devices.i8042,
+        config: snap.config,
+        generation: devices.generation,
+        dirty_tracking,
+        paused: !request.resume_vm,
     })
 }
 
 impl Vmm {
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// The configuration this VM was booted (or restored) with.
+    pub fn config(&self) -> &SnapshotConfig {
+        &self.config
+    }
+
+    /// The VM generation id the guest reads (0 after a cold boot, random after a restore).
+    pub fn generation(&self) -> u128 {
+        self.generation
     }
 
     /// Stops every vCPU outside KVM_RUN. Idempotent.
@@ -206,5 +452,60 @@ impl Vmm {
 
     pub fn flush_console(&self) {
         lock(&self.serial).flush();
+    }
+
+    /// Writes the state file and the memory file. The VM must be paused; it stays paused.
+    pub fn snapshot(&mut self, request: &CreateSnapshotRequest) -> Result<SnapshotReport, String> {
+        let started = Instant::now();
+        if !self.paused {
+            return Err(
+                "snapshots are taken of a paused VM: send PATCH /vm {\"state\": \"Paused\"} first"
+                    .into(),
+            );
+        }
+        if request.snapshot_type == SnapshotType::Diff && !self.dirty_tracking {
+            return Err("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config before boot, or enable_diff_snapshots when loading".into());
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = self.vm.save_state().map_err(|e| e.to_string())?;
+        let devices = DeviceStates {
+            serial: lock(&self.serial).snapshot(),
+            i8042: lock(&self.i8042).snapshot(),
+        };
+        let memory_bytes_written = match request.snapshot_type {
+            SnapshotType::Full => {
+                if self.dirty_tracking {
+                    // The next Diff holds what changes after this Full snapshot.
+                    self.vm
+                        .dirty_bitmaps(&self.memory.mem)
+                        .map_err(|e| e.to_string())?;
+                }
+                memory::write_full(&self.memory, &request.mem_file_path)
+            }
+            SnapshotType::Diff => {
+                let bitmaps = self
+                    .vm
+                    .dirty_bitmaps(&self.memory.mem)
+                    .map_err(|e| e.to_string())?;
+                memory::write_diff(&self.memory, &bitmaps, &request.mem_file_path)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let snapshot = VmSnapshot {
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config.clone(),
+            vm,
+            vcpus,
+            devices,
+        };
+        persist::write_state_file(&snapshot, &request.snapshot_path).map_err(|e| e.to_string())?;
+        Ok(SnapshotReport {
+            memory_bytes_written,
+            elapsed_us: started.elapsed().as_micros() as u64,
+        })
     }
 }

@@ -9,5 +9,6 @@ pub mod builder;
 pub mod check_host;
 pub mod config;
 pub mod devices;
+pub mod persist;
 pub mod rpc;
 pub mod vstate;

@@ -54,6 +54,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a Diff snapshot's memory file onto its base memory file, in place. The base then
+    /// holds the memory a Full snapshot taken with the Diff would have.
+    SnapshotMerge {
+        /// The base memory file (from a Full snapshot, or earlier merges); it is overwritten.
+        #[arg(long)]
+        base: String,
+        /// The Diff snapshot's memory file.
+        #[arg(long)]
+        diff: String,
+    },
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -64,6 +74,15 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let start_time = Instant::now();
     let cli = Cli::parse();
+    if let Some(Command::SnapshotMerge { base, diff }) = &cli.command {
+        return match airlock_vmm::vstate::memory::merge_diff(base, diff) {
+            Ok(bytes) => {
+                println!("merged {bytes} bytes of {diff} into {base}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
     if let Some(Command::CheckHost { json }) = cli.command {
         let report = check_host();
         if json {

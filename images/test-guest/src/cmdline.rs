@@ -10,6 +10,8 @@ pub struct Args<'a> {
     pub probe: Option<&'a [u8]>,
     pub expect_mem_mib: Option<u64>,
     pub expect_cpus: Option<u64>,
+    /// `spin` only: fill this many MiB with the memory pattern first, verify it at the end.
+    pub fill_mib: Option<u64>,
     /// The first malformed value. Parsing goes on so `probe` is known for the report.
     pub error: Option<ArgError<'a>>,
 }
@@ -83,6 +85,7 @@ pub fn parse(line: &[u8]) -> Args<'_> {
             }
             b"expect_mem_mib" => (&mut args.expect_mem_mib, "expect_mem_mib"),
             b"expect_cpus" => (&mut args.expect_cpus, "expect_cpus"),
+            b"fill_mib" => (&mut args.fill_mib, "fill_mib"),
             _ => continue,
         };
         match parse_u64(value) {
@@ -127,6 +130,7 @@ mod tests {
         assert_eq!(a.probe, Some(&b"mem:64"[..]));
         assert_eq!(a.expect_mem_mib, Some(256));
         assert_eq!(a.expect_cpus, Some(2));
+        assert_eq!(parse(b"probe=spin fill_mib=3").fill_mib, Some(3));
     }
 
     #[test]

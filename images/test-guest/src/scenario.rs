@@ -17,7 +17,7 @@ pub fn run(s: Scenario, info: &BootInfo) -> Result<(), LineBuf> {
         Scenario::Boot => boot(info),
         Scenario::Smp => smp(info),
         Scenario::Mem(mib) => mem(info, mib),
-        Scenario::Spin => spin(),
+        Scenario::Spin => spin(info),
         Scenario::TripleFault => triple_fault(),
         Scenario::Exception => exception(),
         Scenario::Reboot => Ok(()),
@@ -241,7 +241,8 @@ fn smp(info: &BootInfo) -> Result<(), LineBuf> {
     Ok(())
 }
 
-fn mem(info: &BootInfo, mib: u64) -> Result<(), LineBuf> {
+/// Writes the memory pattern over `mib` MiB of free RAM above the guest image.
+fn fill_memory(info: &BootInfo, mib: u64) -> Result<memtest::Plan, LineBuf> {
     let bytes = mib << 20;
     // Everything the guest uses above 1 MiB lies below the end of its .bss.
     let (_, image_end) = arch::image_range();
@@ -264,9 +265,14 @@ fn mem(info: &BootInfo, mib: u64) -> Result<(), LineBuf> {
         };
         memtest::fill(words, start);
     }
+    Ok(plan)
+}
+
+/// Reads back what [`fill_memory`] wrote.
+fn verify_memory(plan: &memtest::Plan, mib: u64) -> Result<(), LineBuf> {
     let mut sum = 0u64;
     for &(start, end) in plan.ranges() {
-        // SAFETY: as above; the writing slices are gone.
+        // SAFETY: as in fill_memory; the writing slices are gone.
         let words = unsafe {
             core::slice::from_raw_parts(start as *const u64, ((end - start) / 8) as usize)
         };
@@ -282,6 +288,26 @@ fn mem(info: &BootInfo, mib: u64) -> Result<(), LineBuf> {
     }
     say!("mem: verified {mib} MiB, checksum {sum:#018x}");
     Ok(())
+}
+
+fn mem(info: &BootInfo, mib: u64) -> Result<(), LineBuf> {
+    let plan = fill_memory(info, mib)?;
+    verify_memory(&plan, mib)
+}
+
+/// The VMM's VM generation register: zero after a cold boot, a fresh random value after each
+/// restore or fork.
+const VM_GENERATION_MMIO: u64 = 0xd000_0010;
+
+fn vm_generation() -> (u64, u64) {
+    // SAFETY: the register is MMIO in the gap below 4 GiB, identity mapped uncached; reading it
+    // has no side effects.
+    unsafe {
+        (
+            core::ptr::read_volatile(VM_GENERATION_MMIO as *const u64),
+            core::ptr::read_volatile((VM_GENERATION_MMIO + 8) as *const u64),
+        )
+    }
 }
 
 const I8042_STATUS: u16 = 0x64;
@@ -305,20 +331,34 @@ fn poll_ctrl_alt_del(cad: &mut CtrlAltDel) -> bool {
     false
 }
 
-fn spin() -> Result<(), LineBuf> {
+fn spin(info: &BootInfo) -> Result<(), LineBuf> {
+    let filled = match info.args.fill_mib {
+        Some(mib) => Some((fill_memory(info, mib)?, mib)),
+        None => None,
+    };
     let mp = read_mp_table()?;
     let k = smp::start_aps(&mp, ApWork::Count)?;
     say!("SPIN start cpus={k}");
+    let mut generation = vm_generation();
     let mut cad = CtrlAltDel::default();
     let mut n = 0u64;
     loop {
         n += 1;
+        // A restore or fork changes the generation: a real guest would reseed and fix its clock.
+        let now = vm_generation();
+        if now != generation {
+            generation = now;
+            say!("GENERATION {:016x}{:016x}", now.1, now.0);
+        }
         say!("SPIN {n}");
         let start = arch::rdtsc();
         loop {
             if poll_ctrl_alt_del(&mut cad) {
                 say!("spin: APs counted {} iterations", smp::ap_count_total());
                 say!("CTRL-ALT-DEL received");
+                if let Some((plan, mib)) = &filled {
+                    verify_memory(plan, *mib)?;
+                }
                 return Ok(());
             }
             let elapsed = arch::rdtsc().wrapping_sub(start);

@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::{BusDevice, VmExitRequest};
 
 pub const I8042_PORT_BASE: u64 = 0x60;
@@ -53,6 +55,16 @@ impl KbdInterrupt for vmm_sys_util::eventfd::EventFd {
     }
 }
 
+/// The controller's registers and queued bytes, for snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042Snapshot {
+    pub status: u8,
+    pub control: u8,
+    pub outp: u8,
+    pub pending_cmd: Option<u8>,
+    pub buf: Vec<u8>,
+}
+
 pub struct I8042 {
     status: u8,
     control: u8,
@@ -70,6 +82,28 @@ impl I8042 {
             outp: 0,
             pending_cmd: None,
             buf: VecDeque::with_capacity(BUF_SIZE),
+            irq,
+        }
+    }
+
+    pub fn snapshot(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending_cmd: self.pending_cmd,
+            buf: self.buf.iter().copied().collect(),
+        }
+    }
+
+    /// Rebuilds the controller; a snapshot's oversized queue is cut to what the device holds.
+    pub fn from_snapshot(irq: Box<dyn KbdInterrupt>, s: &I8042Snapshot) -> Self {
+        I8042 {
+            status: s.status,
+            control: s.control,
+            outp: s.outp,
+            pending_cmd: s.pending_cmd,
+            buf: s.buf.iter().copied().take(BUF_SIZE).collect(),
             irq,
         }
     }
@@ -243,6 +277,20 @@ mod tests {
         // Keyboard interrupts are now masked by the guest.
         d.trigger_key(KEY_CTRL).unwrap();
         assert_eq!(irqs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_bounds_the_queue() {
+        let (mut d, _) = device();
+        d.trigger_ctrl_alt_del().unwrap();
+        let snap = d.snapshot();
+        let (n, _) = device();
+        let restored = I8042::from_snapshot(n.irq, &snap);
+        assert_eq!(restored.snapshot(), snap);
+        let mut big = snap.clone();
+        big.buf = vec![1; 1000];
+        let (n, _) = device();
+        assert_eq!(I8042::from_snapshot(n.irq, &big).buf.len(), BUF_SIZE);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::io::{self, Write};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,10 +72,68 @@ pub struct SerialDevice {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleWriter>,
 }
 
+/// The UART's registers and unread input, for snapshots (vm-superio's state, serialisable).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
             serial: Serial::new(IrqTrigger(irq), LineFlushWriter::new(out)),
+        }
+    }
+
+    pub fn from_snapshot(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        s: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(
+            &state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            LineFlushWriter::new(out),
+        )
+        .map_err(|e| format!("the serial device state in the snapshot is invalid: {e:?}"))?;
+        Ok(SerialDevice { serial })
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -130,6 +190,21 @@ mod tests {
         dev.write(0, b"x");
         dev.flush();
         assert_eq!(&out.0.lock().unwrap()[..], b"PROBE\nx");
+    }
+
+    #[test]
+    fn state_survives_a_snapshot() {
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(io::sink()));
+        dev.write(7, &[0x5a]); // scratch register
+        dev.write(3, &[0x03]); // line control
+        let snap = dev.snapshot();
+        let mut restored =
+            SerialDevice::from_snapshot(EventFd::new(0).unwrap(), Box::new(io::sink()), &snap)
+                .unwrap();
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        assert_eq!(restored.snapshot(), snap);
     }
 
     #[test]

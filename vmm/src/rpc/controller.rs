@@ -7,17 +7,20 @@ use std::sync::mpsc::Sender;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::builder::{build_and_boot, StartOptions, Vmm};
+use crate::builder::{build_and_boot, restore_from_snapshot, StartOptions, Vmm};
 use crate::config::{
     parse_body, BootSourceConfig, ConfigError, MachineConfig, MachineConfigUpdate, SerialConfig,
     VmConfig,
 };
+use crate::persist::{CreateSnapshotRequest, LoadSnapshotRequest};
 use crate::vstate::vcpu::VmExit;
 
 pub const NOT_SUPPORTED_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
 pub const NOT_SUPPORTED_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
+pub const LOAD_AFTER_CONFIG: &str =
+    "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct ApiError(pub String);
@@ -64,6 +67,8 @@ pub enum ApiRequest {
     Action(ActionType),
     PatchVm(VmStateRequest),
     GetVmConfig,
+    CreateSnapshot(CreateSnapshotRequest),
+    LoadSnapshot(LoadSnapshotRequest),
     /// A Firecracker endpoint whose device airlock-vmm does not have yet.
     NotImplemented(&'static str),
 }
@@ -96,7 +101,8 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiErro
             ApiRequest::NotImplemented("network-interfaces")
         }
         ("PUT", ["vsock"]) => ApiRequest::NotImplemented("vsock"),
-        ("PUT", ["snapshot", _]) => ApiRequest::NotImplemented("snapshots"),
+        ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(parse_body(body, &what)?),
+        ("PUT", ["snapshot", "load"]) => ApiRequest::LoadSnapshot(parse_body(body, &what)?),
         _ => {
             return Err(ApiError(format!(
                 "Invalid request method and/or path: {method} {path}."
@@ -208,6 +214,44 @@ impl Controller {
             }
             ApiRequest::PatchVm(VmStateRequest::Resumed) => {
                 self.running_vmm()?.resume();
+                Ok(NoContent)
+            }
+            ApiRequest::CreateSnapshot(request) => {
+                let report = self.running_vmm()?.snapshot(&request)?;
+                eprintln!(
+                    "airlock-vmm: snapshot written to {} and {} ({} bytes of memory) in {} us",
+                    request.snapshot_path,
+                    request.mem_file_path,
+                    report.memory_bytes_written,
+                    report.elapsed_us
+                );
+                Ok(NoContent)
+            }
+            ApiRequest::LoadSnapshot(request) => {
+                self.before_start()?;
+                if self.config.boot_source.is_some() {
+                    return Err(ApiError(LOAD_AFTER_CONFIG.into()));
+                }
+                let vmm = restore_from_snapshot(
+                    &request,
+                    &self.config,
+                    &self.opts,
+                    self.exit_tx.clone(),
+                )?;
+                let restored = vmm.config();
+                self.config.boot_source = Some(BootSourceConfig {
+                    kernel_image_path: restored.kernel_image_path.clone(),
+                    initrd_path: restored.initrd_path.clone(),
+                    boot_args: restored.boot_args.clone(),
+                });
+                self.config.machine_config = MachineConfig {
+                    vcpu_count: u64::from(restored.vcpu_count),
+                    mem_size_mib: restored.mem_size_mib,
+                    smt: restored.smt,
+                    track_dirty_pages: request.dirty_tracking(),
+                    ..MachineConfig::default()
+                };
+                self.vmm = Some(vmm);
                 Ok(NoContent)
             }
             ApiRequest::NotImplemented(what) => {

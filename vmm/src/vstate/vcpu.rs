@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::devices::bus::lock;
 use crate::devices::{Bus, VmExitRequest};
 
@@ -47,21 +48,34 @@ pub fn install_kick_handler() -> Result<(), String> {
         .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"))
 }
 
+/// What a parked vCPU thread can be asked to do with its own vCPU fd.
+pub enum VcpuCommand {
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+}
+
 /// Pause state shared between the VMM and one vCPU thread.
 #[derive(Default)]
 pub struct VcpuControl {
     pause_requested: AtomicBool,
     paused: Mutex<bool>,
+    commands: Mutex<Vec<VcpuCommand>>,
     cv: Condvar,
 }
 
 impl VcpuControl {
-    /// Called on the vCPU thread: report paused, wait for resume.
-    fn park(&self) {
+    /// Called on the vCPU thread: report paused, serve commands, wait for resume.
+    fn park(&self, serve: &mut dyn FnMut(VcpuCommand)) {
         let mut paused = lock(&self.paused);
         *paused = true;
         self.cv.notify_all();
-        while self.pause_requested.load(Ordering::Acquire) {
+        loop {
+            // Commands are pushed with `paused` held, so none is missed between here and wait.
+            for command in std::mem::take(&mut *lock(&self.commands)) {
+                serve(command);
+            }
+            if !self.pause_requested.load(Ordering::Acquire) {
+                break;
+            }
             paused = self.cv.wait(paused).unwrap_or_else(|p| p.into_inner());
         }
         *paused = false;
@@ -75,6 +89,12 @@ impl VcpuControl {
             .wait_timeout_while(paused, timeout, |p| !*p)
             .unwrap_or_else(|p| p.into_inner());
         *paused
+    }
+
+    fn send(&self, command: VcpuCommand) {
+        let _paused = lock(&self.paused);
+        lock(&self.commands).push(command);
+        self.cv.notify_all();
     }
 
     fn resume(&self) {
@@ -126,12 +146,27 @@ impl VcpuHandle {
     pub fn resume(&self) {
         self.control.resume();
     }
+
+    /// The vCPU's state, read by its own thread. The vCPU must be paused.
+    pub fn save_state(&self) -> Result<VcpuState, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.control.send(VcpuCommand::SaveState(tx));
+        match rx.recv_timeout(PAUSE_TIMEOUT) {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "vCPU {} did not report its state (is it paused?)",
+                self.index
+            )),
+        }
+    }
 }
 
 /// Everything a vCPU thread owns.
 pub struct VcpuRunner {
     pub index: u8,
     pub fd: VcpuFd,
+    /// MSRs a snapshot saves (KVM's list for this host).
+    pub msr_indices: Arc<Vec<u32>>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit_tx: Sender<VmExit>,
@@ -142,8 +177,12 @@ pub struct VcpuRunner {
 const WAIT_FOR_SIPI_MAX: Duration = Duration::from_millis(1);
 
 impl VcpuRunner {
-    pub fn spawn(self) -> Result<VcpuHandle, String> {
+    /// Starts the vCPU thread; with `start_paused` it parks before its first KVM_RUN.
+    pub fn spawn(self, start_paused: bool) -> Result<VcpuHandle, String> {
         let control = Arc::new(VcpuControl::default());
+        control
+            .pause_requested
+            .store(start_paused, Ordering::Release);
         let index = self.index;
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
@@ -162,7 +201,12 @@ impl VcpuRunner {
         let mut backoff = Duration::from_micros(20);
         let exit = loop {
             if control.pause_requested.load(Ordering::Acquire) {
-                control.park();
+                let (index, fd, msrs) = (self.index, &self.fd, &self.msr_indices);
+                control.park(&mut |command| match command {
+                    VcpuCommand::SaveState(reply) => {
+                        let _ = reply.send(VcpuState::save(index, fd, msrs));
+                    }
+                });
                 continue;
             }
             match self.fd.run() {
@@ -289,7 +333,7 @@ mod tests {
         let control = Arc::new(VcpuControl::default());
         control.pause_requested.store(true, Ordering::Release);
         let c = control.clone();
-        let t = std::thread::spawn(move || c.park());
+        let t = std::thread::spawn(move || c.park(&mut |_| {}));
         assert!(control.wait_paused(Duration::from_secs(5)));
         control.resume();
         t.join().unwrap();

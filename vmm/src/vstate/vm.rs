@@ -1,10 +1,12 @@
 //! The KVM VM: memory slots, the in-kernel irqchip and PIT, interrupt lines.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,6 +35,16 @@ const REQUIRED_CAPS: [(Cap, &str); 5] = [
 pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
+}
+
+/// The VM-wide KVM state a snapshot carries: the in-kernel PICs and IOAPIC, the PIT, kvmclock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 impl Vm {
@@ -115,6 +127,74 @@ impl Vm {
         self.kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("report its supported CPUID", e))
+    }
+
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::Kvm("read the irqchip", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Kvm("read the PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Kvm("read kvmclock", e))?,
+        })
+    }
+
+    /// Restores what [`Vm::save_state`] read. The irqchip and PIT must exist already.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Kvm("restore the irqchip", e))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::Kvm("restore the PIT", e))?;
+        // Flags describe how the clock was read (e.g. whether it was stable); KVM_SET_CLOCK
+        // takes only the value.
+        let clock = kvm_clock_data {
+            flags: 0,
+            ..state.clock
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Kvm("restore kvmclock", e))
+    }
+
+    /// The MSRs this host's KVM can save and restore.
+    pub fn msr_indices(&self) -> Vec<u32> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Pages written by the guest since the last call (or since dirty logging began), one bitmap
+    /// of 64-page words per memory slot. Reading the log also clears it.
+    pub fn dirty_bitmaps(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|e| VmError::Kvm("read the dirty page log", e))
+            })
+            .collect()
     }
 
     pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
