@@ -191,3 +191,20 @@ fn configuration_after_start_is_refused() {
         .contains("probe=spin"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn termination_signals_remove_the_api_socket() {
+    let dir = scratch_dir("sigterm");
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let sock = dir.join(format!("api-{signal}.sock"));
+        let mut vmm = VmmProcess::spawn(&["--api-sock", sock.to_str().unwrap()]);
+        let (status, _) = api_request(&sock, "GET", "/", None);
+        assert_eq!(status, 200);
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(vmm.pid() as i32, signal) };
+        let (status, _, _) = vmm.finish(TIMEOUT);
+        assert_eq!(status.code(), Some(128 + signal));
+        assert!(!sock.exists(), "socket left behind after signal {signal}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

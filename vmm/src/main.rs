@@ -66,6 +66,37 @@ enum Command {
     },
 }
 
+/// The API socket's path, for the termination-signal handler to remove.
+static SOCKET_PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+extern "C" fn remove_socket_and_exit(signal: libc::c_int) {
+    if let Some(path) = SOCKET_PATH.get() {
+        // SAFETY: unlink and _exit are async-signal-safe; the path is a static C string.
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+    // SAFETY: as above; the exit status follows the shell's 128 + signal convention.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// SIGTERM, SIGINT and SIGHUP remove the API socket before the VMM exits, so the next VMM on that
+/// path does not find it taken.
+fn remove_socket_on_termination(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let _ = SOCKET_PATH.set(c_path);
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(
+                signal,
+                remove_socket_and_exit as *const () as libc::sighandler_t,
+            )
+        };
+    }
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("airlock-vmm: error: {message}");
     ExitCode::from(1)
@@ -117,7 +148,10 @@ fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
     };
     let server = match &cli.api_sock {
         Some(path) => match api_server::bind(path) {
-            Ok(s) => Some(s),
+            Ok(s) => {
+                remove_socket_on_termination(path);
+                Some(s)
+            }
             Err(e) => return fail(e),
         },
         None => None,
