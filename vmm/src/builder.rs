@@ -19,6 +19,7 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::lock;
 use crate::devices::i8042::{I8042Error, I8042, I8042_IRQ, I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use crate::devices::virtio::attach::{self, VirtioKind, VirtioSlot, VirtioSnapshot};
 use crate::devices::vm_generation::{VmGeneration, VM_GENERATION_ADDR, VM_GENERATION_LEN};
 use crate::devices::{Bus, BusError};
 use crate::persist::{
@@ -60,6 +61,8 @@ pub enum StartError {
     VcpuState(#[from] VcpuStateError),
     #[error("cannot restore the snapshot: {0}")]
     Snapshot(String),
+    #[error("{0}")]
+    Device(String),
 }
 
 pub struct StartOptions {
@@ -77,6 +80,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     config: SnapshotConfig,
+    virtio: Vec<VirtioSlot>,
     generation: u128,
     dirty_tracking: bool,
     paused: bool,
@@ -111,7 +115,8 @@ struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    /// Shared once the virtio transports are on it.
+    mmio: Bus,
     generation: u128,
 }
 
@@ -161,7 +166,7 @@ fn attach_devices(
         serial,
         i8042,
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio,
         generation: generation_id,
     })
 }
@@ -206,13 +211,33 @@ pub fn build_and_boot(
         )?),
         None => None,
     };
-    let cmdline = boot::build_cmdline(boot_source.boot_args.as_deref().unwrap_or(""))?;
+    vm.setup_irqchip()?;
+    let mut devices = attach_devices(&vm, config, None, VmGeneration::cold_boot(), opts)?;
+    let mut cmdline = boot::build_cmdline(boot_source.boot_args.as_deref().unwrap_or(""))?;
+    if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
+        let device = match &root.partuuid {
+            Some(uuid) => format!("root=PARTUUID={uuid}"),
+            None => "root=/dev/vda".to_string(),
+        };
+        let mode = if root.is_read_only { "ro" } else { "rw" };
+        cmdline
+            .insert_str(format!("{device} {mode}"))
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    let kinds = attach::kinds_from_config(config).map_err(StartError::Device)?;
+    let virtio = attach::attach_devices(
+        &vm,
+        &memory.mem,
+        &mut devices.mmio,
+        &kinds,
+        Some(&mut cmdline),
+    )
+    .map_err(StartError::Device)?;
     boot::write_boot_params(&memory.mem, mem_size, &cmdline, kernel.setup_header, initrd)?;
     write_boot_tables(&memory.mem)?;
     setup_mptable(&memory.mem, vcpu_count)?;
+    let mmio = Arc::new(devices.mmio);
 
-    vm.setup_irqchip()?;
-    let devices = attach_devices(&vm, config, None, VmGeneration::cold_boot(), opts)?;
     let supported = vm.supported_cpuid()?;
     let topology = Topology::new(vcpu_count, machine.smt);
     let msr_indices = Arc::new(vm.msr_indices());
@@ -227,10 +252,11 @@ pub fn build_and_boot(
             fd,
             msr_indices: msr_indices.clone(),
             pio: devices.pio.clone(),
-            mmio: devices.mmio.clone(),
+            mmio: mmio.clone(),
             exit_tx: exit_tx.clone(),
         });
     }
+    attach::start_event_loop(&virtio).map_err(StartError::Device)?;
     let vcpus = spawn_vcpus(runners, false)?;
     Ok(Vmm {
         vm,
@@ -246,6 +272,7 @@ pub fn build_and_boot(
             initrd_path: boot_source.initrd_path.clone(),
             boot_args: boot_source.boot_args.clone(),
         },
+        virtio,
         generation: devices.generation,
         dirty_tracking: machine.track_dirty_pages,
         paused: false,
@@ -330,16 +357,35 @@ pub fn restore_from_snapshot(
     exit_tx: Sender<VmExit>,
 ) -> Result<Vmm, StartError> {
     let snap = persist::read_state_file(&request.snapshot_path)?;
-    if let Some(o) = request.network_overrides.first() {
-        return Err(StartError::Snapshot(format!(
-            "network_overrides: the snapshot has no network interface {:?}",
-            o.iface_id
-        )));
+    let mut kinds: Vec<VirtioKind> = snap.devices.virtio.iter().map(|v| v.kind.clone()).collect();
+    for o in &request.network_overrides {
+        let tap = kinds.iter_mut().find_map(|k| match k {
+            VirtioKind::Net { iface_id, tap, .. } if *iface_id == o.iface_id => Some(tap),
+            _ => None,
+        });
+        match tap {
+            Some(tap) => *tap = o.host_dev_name.clone(),
+            None => {
+                return Err(StartError::Snapshot(format!(
+                    "network_overrides: the snapshot has no network interface {:?}",
+                    o.iface_id
+                )))
+            }
+        }
     }
-    if request.vsock_override.is_some() {
-        return Err(StartError::Snapshot(
-            "vsock_override: the snapshot has no vsock device".into(),
-        ));
+    if let Some(o) = &request.vsock_override {
+        let path = kinds.iter_mut().find_map(|k| match k {
+            VirtioKind::Vsock { uds_path, .. } => Some(uds_path),
+            _ => None,
+        });
+        match path {
+            Some(path) => *path = o.uds_path.clone(),
+            None => {
+                return Err(StartError::Snapshot(
+                    "vsock_override: the snapshot has no vsock device".into(),
+                ))
+            }
+        }
     }
     let backend = request.backend().map_err(StartError::Snapshot)?;
     let vcpu_count = snap.config.vcpu_count;
@@ -369,13 +415,21 @@ pub fn restore_from_snapshot(
         serve_memory_faults(&memory, file, backend.prefetch, exit_tx.clone())?;
     }
     vm.setup_irqchip()?;
-    let devices = attach_devices(
+    let mut devices = attach_devices(
         &vm,
         config,
         Some(&snap.devices),
         VmGeneration::fresh(),
         opts,
     )?;
+    let virtio = attach::attach_devices(&vm, &memory.mem, &mut devices.mmio, &kinds, None)
+        .map_err(StartError::Device)?;
+    for (slot, saved) in virtio.iter().zip(&snap.devices.virtio) {
+        lock(&slot.transport)
+            .restore(&saved.transport)
+            .map_err(|e| StartError::Snapshot(format!("virtio device {:?}: {e}", saved.kind)))?;
+    }
+    let mmio = Arc::new(devices.mmio);
     let msr_indices = Arc::new(vm.msr_indices());
     let mut runners = Vec::with_capacity(usize::from(vcpu_count));
     for (index, state) in snap.vcpus.iter().enumerate() {
@@ -387,11 +441,12 @@ pub fn restore_from_snapshot(
             fd,
             msr_indices: msr_indices.clone(),
             pio: devices.pio.clone(),
-            mmio: devices.mmio.clone(),
+            mmio: mmio.clone(),
             exit_tx: exit_tx.clone(),
         });
     }
     vm.restore_state(&snap.vm)?;
+    attach::start_event_loop(&virtio).map_err(StartError::Device)?;
     let vcpus = spawn_vcpus(runners, !request.resume_vm)?;
     Ok(Vmm {
         vm,
@@ -400,6 +455,7 @@ pub fn restore_from_snapshot(
         serial: devices.serial,
         i8042: devices.i8042,
         config: snap.config,
+        virtio,
         generation: devices.generation,
         dirty_tracking,
         paused: !request.resume_vm,
@@ -472,9 +528,23 @@ impl Vmm {
             .map(VcpuHandle::save_state)
             .collect::<Result<Vec<_>, _>>()?;
         let vm = self.vm.save_state().map_err(|e| e.to_string())?;
+        // The device loop keeps running while vCPUs are paused (host sockets, TAP frames): hold
+        // every device until memory is written, so no device changes guest memory mid-copy.
+        let transports: Vec<_> = self.virtio.iter().map(|s| lock(&s.transport)).collect();
+        let held: Vec<_> = self.virtio.iter().map(|s| lock(&s.device)).collect();
+        let virtio = self
+            .virtio
+            .iter()
+            .zip(transports.iter().zip(&held))
+            .map(|(slot, (transport, device))| VirtioSnapshot {
+                kind: slot.kind.clone(),
+                transport: transport.snapshot_with(&**device),
+            })
+            .collect();
         let devices = DeviceStates {
             serial: lock(&self.serial).snapshot(),
             i8042: lock(&self.i8042).snapshot(),
+            virtio,
         };
         let memory_bytes_written = match request.snapshot_type {
             SnapshotType::Full => {
@@ -503,6 +573,8 @@ impl Vmm {
             devices,
         };
         persist::write_state_file(&snapshot, &request.snapshot_path).map_err(|e| e.to_string())?;
+        drop(held);
+        drop(transports);
         Ok(SnapshotReport {
             memory_bytes_written,
             elapsed_us: started.elapsed().as_micros() as u64,

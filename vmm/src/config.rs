@@ -44,6 +44,8 @@ pub enum ConfigError {
     },
     #[error("\"{0}\" is not implemented yet in airlock-vmm; remove it from the configuration")]
     NotImplemented(&'static str),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// `PUT /boot-source`.
@@ -206,6 +208,148 @@ pub struct SerialConfig {
     pub serial_out_path: Option<PathBuf>,
 }
 
+/// `PUT /drives/{id}`: a virtio-blk device over a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Accepted as Firecracker has it; writes go to the file either way, FLUSH syncs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /network-interfaces/{id}`: a virtio-net device on an existing host TAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /vsock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Firecracker's older field; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: String,
+}
+
+/// `PUT /entropy`: a virtio-rng device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl DriveConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("drive_id", &self.drive_id)?;
+        if self.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ConfigError::NotImplemented("rate_limiter"));
+        }
+        match self.io_engine.as_deref() {
+            None | Some("Sync") => {}
+            Some(other) => {
+                return Err(ConfigError::Unsupported(format!(
+                    "io_engine {other:?} (only \"Sync\")"
+                )))
+            }
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!self.is_read_only)
+            .open(&self.path_on_host)
+            .map(|_| ())
+            .map_err(|e| {
+                ConfigError::Unsupported(format!(
+                    "drive {}: cannot open {}: {e}",
+                    self.drive_id, self.path_on_host
+                ))
+            })
+    }
+}
+
+impl NetworkInterfaceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("iface_id", &self.iface_id)?;
+        if self.rx_rate_limiter.as_ref().is_some_and(|v| !v.is_null())
+            || self.tx_rate_limiter.as_ref().is_some_and(|v| !v.is_null())
+        {
+            return Err(ConfigError::NotImplemented("rate_limiter"));
+        }
+        if self.host_dev_name.is_empty() || self.host_dev_name.len() > 15 {
+            return Err(ConfigError::Unsupported(format!(
+                "host_dev_name {:?} must be 1 to 15 bytes",
+                self.host_dev_name
+            )));
+        }
+        if let Some(mac) = &self.guest_mac {
+            crate::devices::virtio::net::parse_mac(mac)
+                .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
+            return Err(ConfigError::Unsupported(format!(
+                "guest_cid must be from 3 to {} (0-2 are reserved), got {}",
+                u32::MAX,
+                self.guest_cid
+            )));
+        }
+        if self.uds_path.is_empty() || self.uds_path.len() > 100 {
+            return Err(ConfigError::Unsupported(format!(
+                "uds_path {:?} must be 1 to 100 bytes (guest-initiated connections append _<port>)",
+                self.uds_path
+            )));
+        }
+        if Path::new(&self.uds_path).symlink_metadata().is_ok() {
+            return Err(ConfigError::Unsupported(format!(
+                "uds_path {} already exists; remove it first",
+                self.uds_path
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(ConfigError::Unsupported(format!(
+            "{what} {id:?} must be 1 to 64 letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(())
+}
+
 /// The `--config-file` document, and the body of `GET /vm/config`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,11 +365,13 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
     #[serde(default)]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<DriveConfig>,
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<VsockConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
 }
 
 impl VmConfig {
@@ -246,16 +392,39 @@ impl VmConfig {
         Self::from_json(&text, &format!("config file {}", path.display()))
     }
 
-    /// Everything needed to start: a valid boot source and machine, no unsupported devices.
+    /// Everything needed to start: a valid boot source, machine and devices.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.drives.is_empty() {
-            return Err(ConfigError::NotImplemented("drives"));
+        for d in &self.drives {
+            d.validate()?;
         }
-        if !self.network_interfaces.is_empty() {
-            return Err(ConfigError::NotImplemented("network-interfaces"));
+        let mut ids: Vec<&str> = self.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::Unsupported(
+                "two drives have the same drive_id".into(),
+            ));
         }
-        if self.vsock.is_some() {
-            return Err(ConfigError::NotImplemented("vsock"));
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err(ConfigError::Unsupported(
+                "only one drive can be the root device".into(),
+            ));
+        }
+        for n in &self.network_interfaces {
+            n.validate()?;
+        }
+        let mut names: Vec<&str> = self
+            .network_interfaces
+            .iter()
+            .map(|n| n.iface_id.as_str())
+            .collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::Unsupported(
+                "two network interfaces have the same iface_id".into(),
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         self.machine_config.validate()?;
         match &self.boot_source {
@@ -388,11 +557,28 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ConfigError::MissingBootSource));
         let err = VmConfig::from_json(
-            r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "drives": [{"drive_id": "root"}]}"#,
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "drives": [{"drive_id": "root", "path_on_host": "/nonexistent/disk", "is_root_device": true}]}"#,
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("drive root: cannot open /nonexistent/disk"),
+            "{err}"
+        );
+        let err = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"bandwidth": {}}}]}"#,
             "f",
         )
         .unwrap_err();
-        assert!(matches!(err, ConfigError::NotImplemented("drives")));
+        assert!(matches!(err, ConfigError::NotImplemented("rate_limiter")));
+        let err = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "vsock": {"guest_cid": 2, "uds_path": "/tmp/v.sock"}}"#,
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("guest_cid must be from 3"), "{err}");
         let err = VmConfig::from_json(
             r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#,
             "f",

@@ -4,6 +4,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 pub mod vm_generation;
 
 pub use bus::{Bus, BusDevice, BusError, VmExitRequest};

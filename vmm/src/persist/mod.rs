@@ -66,6 +66,8 @@ pub struct SnapshotConfig {
 pub struct DeviceStates {
     pub serial: SerialSnapshot,
     pub i8042: I8042Snapshot,
+    /// virtio devices in MMIO-slot order.
+    pub virtio: Vec<crate::devices::virtio::attach::VirtioSnapshot>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -274,6 +276,7 @@ mod tests {
             devices: DeviceStates {
                 serial: Default::default(),
                 i8042: Default::default(),
+                virtio: vec![],
             },
         }
     }

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::builder::{build_and_boot, restore_from_snapshot, StartOptions, Vmm};
 use crate::config::{
-    parse_body, BootSourceConfig, ConfigError, MachineConfig, MachineConfigUpdate, SerialConfig,
-    VmConfig,
+    parse_body, BootSourceConfig, DriveConfig, EntropyConfig, MachineConfig, MachineConfigUpdate,
+    NetworkInterfaceConfig, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::persist::{CreateSnapshotRequest, LoadSnapshotRequest};
 use crate::vstate::vcpu::VmExit;
@@ -69,8 +69,12 @@ pub enum ApiRequest {
     GetVmConfig,
     CreateSnapshot(CreateSnapshotRequest),
     LoadSnapshot(LoadSnapshotRequest),
-    /// A Firecracker endpoint whose device airlock-vmm does not have yet.
-    NotImplemented(&'static str),
+    PutDrive(String, DriveConfig),
+    PutNetworkInterface(String, NetworkInterfaceConfig),
+    PutVsock(VsockConfig),
+    PutEntropy(EntropyConfig),
+    /// A Firecracker endpoint airlock-vmm does not offer (e.g. hot updates of devices).
+    NotSupported(String),
 }
 
 #[derive(Debug, PartialEq)]
@@ -96,11 +100,15 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiErro
         }
         ("PATCH", ["vm"]) => ApiRequest::PatchVm(parse_body::<VmStateBody>(body, &what)?.state),
         ("GET", ["vm", "config"]) => ApiRequest::GetVmConfig,
-        ("PUT" | "PATCH", ["drives", _]) => ApiRequest::NotImplemented("drives"),
-        ("PUT" | "PATCH", ["network-interfaces", _]) => {
-            ApiRequest::NotImplemented("network-interfaces")
+        ("PUT", ["drives", id]) => ApiRequest::PutDrive(id.to_string(), parse_body(body, &what)?),
+        ("PUT", ["network-interfaces", id]) => {
+            ApiRequest::PutNetworkInterface(id.to_string(), parse_body(body, &what)?)
         }
-        ("PUT", ["vsock"]) => ApiRequest::NotImplemented("vsock"),
+        ("PUT", ["vsock"]) => ApiRequest::PutVsock(parse_body(body, &what)?),
+        ("PUT", ["entropy"]) => ApiRequest::PutEntropy(parse_body(body, &what)?),
+        ("PATCH", ["drives" | "network-interfaces", _]) => ApiRequest::NotSupported(format!(
+            "{method} {path}: devices cannot be changed while the VM runs in airlock-vmm"
+        )),
         ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(parse_body(body, &what)?),
         ("PUT", ["snapshot", "load"]) => ApiRequest::LoadSnapshot(parse_body(body, &what)?),
         _ => {
@@ -254,9 +262,58 @@ impl Controller {
                 self.vmm = Some(vmm);
                 Ok(NoContent)
             }
-            ApiRequest::NotImplemented(what) => {
-                Err(ApiError(ConfigError::NotImplemented(what).to_string()))
+            ApiRequest::PutDrive(id, drive) => {
+                self.before_start()?;
+                if id != drive.drive_id {
+                    return Err(ApiError(format!(
+                        "the drive_id {:?} in the body does not match {id:?} in the path",
+                        drive.drive_id
+                    )));
+                }
+                drive.validate()?;
+                if drive.is_root_device
+                    && self
+                        .config
+                        .drives
+                        .iter()
+                        .any(|d| d.is_root_device && d.drive_id != id)
+                {
+                    return Err(ApiError("another drive is already the root device".into()));
+                }
+                self.config.drives.retain(|d| d.drive_id != id);
+                self.config.drives.push(drive);
+                Ok(NoContent)
             }
+            ApiRequest::PutNetworkInterface(id, iface) => {
+                self.before_start()?;
+                if id != iface.iface_id {
+                    return Err(ApiError(format!(
+                        "the iface_id {:?} in the body does not match {id:?} in the path",
+                        iface.iface_id
+                    )));
+                }
+                iface.validate()?;
+                self.config.network_interfaces.retain(|n| n.iface_id != id);
+                self.config.network_interfaces.push(iface);
+                Ok(NoContent)
+            }
+            ApiRequest::PutVsock(vsock) => {
+                self.before_start()?;
+                vsock.validate()?;
+                self.config.vsock = Some(vsock);
+                Ok(NoContent)
+            }
+            ApiRequest::PutEntropy(entropy) => {
+                self.before_start()?;
+                if entropy.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(ApiError(
+                        "rate_limiter is not implemented yet in airlock-vmm".into(),
+                    ));
+                }
+                self.config.entropy = Some(entropy);
+                Ok(NoContent)
+            }
+            ApiRequest::NotSupported(message) => Err(ApiError(message)),
         }
     }
 }
@@ -407,11 +464,36 @@ mod tests {
                 r#"{"state": "Frozen"}"#,
                 "unknown variant `Frozen`",
             ),
+            ("PUT", "/drives/rootfs", r#"{}"#, "missing field `drive_id`"),
             (
                 "PUT",
                 "/drives/rootfs",
+                r#"{"drive_id": "other", "path_on_host": "/etc/hostname", "is_root_device": false, "is_read_only": true}"#,
+                "does not match \"rootfs\" in the path",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent", "is_root_device": true}"#,
+                "cannot open /nonexistent",
+            ),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}"#,
+                "is not a MAC address",
+            ),
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 1, "uds_path": "/tmp/v"}"#,
+                "guest_cid must be from 3",
+            ),
+            (
+                "PATCH",
+                "/drives/rootfs",
                 r#"{}"#,
-                "\"drives\" is not implemented yet",
+                "cannot be changed while the VM runs",
             ),
             (
                 "GET",

@@ -1,0 +1,771 @@
+//! virtio-vsock with Firecracker's host side over Unix sockets:
+//! - host-initiated: connect to `uds_path`, write `CONNECT <port>\n`, read `OK <host port>\n`,
+//!   then a byte stream to the guest's listener on `<port>`;
+//! - guest-initiated: a guest connection to host port P is a connection to `<uds_path>_P`.
+//!
+//! Every connection has credit-based flow control in both directions: the guest never gets more
+//! than it advertised room for, and data it sends is only acknowledged (fwd_cnt) once written to
+//! the host socket. A connection whose host end stops reading holds at most `BUF_ALLOC` bytes.
+//! After a restore every connection is gone, and the guest is told so with a transport-reset
+//! event, as Firecracker does.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{ByteValued, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    read_config_bytes, Activation, IrqLine, VirtioDevice, INT_USED_RING, QUEUE_SIZE, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
+};
+
+pub const HOST_CID: u64 = 2;
+const TYPE_STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Room each connection offers the guest (bytes received but not yet written to the host).
+pub const BUF_ALLOC: u32 = 256 << 10;
+/// Largest payload moved in one packet.
+const MAX_PKT_PAYLOAD: usize = 64 << 10;
+/// Host ports for host-initiated connections start here, as in Firecracker.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// `CONNECT <port>\n` is short; a peer that sends more without a newline is not speaking it.
+const MAX_CONNECT_LINE: usize = 32;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVT: usize = 2;
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PacketHeader {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+// SAFETY: plain integers in a packed repr(C) struct: every byte pattern is valid.
+unsafe impl ByteValued for PacketHeader {}
+pub const HEADER_LEN: usize = std::mem::size_of::<PacketHeader>();
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest_cid must be 3 or more (0-2 are reserved), got {0}")]
+    BadCid(u64),
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    Listen {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the vsock eventfds: {0}")]
+    EventFd(std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// Host-initiated, waiting for the guest's RESPONSE.
+    Connecting,
+    Established,
+}
+
+struct Connection {
+    stream: UnixStream,
+    state: ConnState,
+    local_port: u32,
+    /// The host side has data (edge-triggered readiness seen, not yet drained).
+    readable: bool,
+    /// The host side closed its end; tell the guest once.
+    host_eof: bool,
+    /// Bytes from the guest not yet accepted by the host socket.
+    to_host: Vec<u8>,
+    /// Bytes from the host socket that arrived with its CONNECT line.
+    to_guest_prefix: Vec<u8>,
+    /// Credit: bytes given to the guest, and the guest's window.
+    tx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes of guest data written to the host, and the value last told to the guest.
+    fwd_cnt: u32,
+    fwd_cnt_sent: u32,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, state: ConnState, local_port: u32) -> Self {
+        Connection {
+            stream,
+            state,
+            local_port,
+            readable: false,
+            host_eof: false,
+            to_host: Vec::new(),
+            to_guest_prefix: Vec::new(),
+            tx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+        }
+    }
+
+    /// How much more the guest can take.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Writes what it can of `to_host`; returns false if the host end is gone.
+    fn flush_to_host(&mut self) -> bool {
+        while !self.to_host.is_empty() {
+            match self.stream.write(&self.to_host) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    irq: Arc<IrqLine>,
+}
+
+/// (host-side port, guest port).
+type ConnKey = (u32, u32);
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: String,
+    listener: UnixListener,
+    queue_evts: [EventFd; 3],
+    active: Option<Active>,
+    conns: HashMap<ConnKey, Connection>,
+    by_fd: HashMap<RawFd, ConnKey>,
+    /// Host-initiated streams still sending their CONNECT line.
+    handshakes: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    /// Control packets for the guest, sent before any data.
+    control: VecDeque<PacketHeader>,
+    next_local_port: u32,
+    transport_reset_pending: bool,
+}
+
+fn header(src_port: u32, dst_cid: u64, dst_port: u32, op: u16) -> PacketHeader {
+    PacketHeader {
+        src_cid: HOST_CID,
+        dst_cid,
+        src_port,
+        dst_port,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: 0,
+    }
+}
+
+/// Parses `CONNECT <port>`.
+pub fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line)
+        .ok()?
+        .trim_end_matches(['\n', '\r']);
+    text.strip_prefix("CONNECT ")?.trim().parse().ok()
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: &str) -> Result<Vsock, VsockError> {
+        if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Listen {
+            path: uds_path.to_string(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError::Listen {
+                path: uds_path.to_string(),
+                source,
+            })?;
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_string(),
+            listener,
+            queue_evts: [evt()?, evt()?, evt()?],
+            active: None,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            handshakes: HashMap::new(),
+            control: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            transport_reset_pending: false,
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    pub fn uds_path(&self) -> &str {
+        &self.uds_path
+    }
+
+    fn reply(&mut self, key: ConnKey, op: u16, flags: u32) {
+        let mut h = header(key.0, self.guest_cid, key.1, op);
+        h.flags = flags;
+        if let Some(c) = self.conns.get_mut(&key) {
+            h.fwd_cnt = c.fwd_cnt;
+            c.fwd_cnt_sent = c.fwd_cnt;
+        }
+        self.control.push_back(h);
+    }
+
+    fn rst(&mut self, local_port: u32, guest_port: u32) {
+        self.control
+            .push_back(header(local_port, self.guest_cid, guest_port, OP_RST));
+    }
+
+    fn remove(&mut self, key: ConnKey, ops: &mut EventOps) {
+        if let Some(c) = self.conns.remove(&key) {
+            self.by_fd.remove(&c.stream.as_raw_fd());
+            let _ = ops.remove(Events::empty(&c.stream));
+        }
+    }
+
+    fn watch(ops: &mut EventOps, stream: &UnixStream, writable: bool) {
+        let set = EventSet::IN
+            | EventSet::EDGE_TRIGGERED
+            | EventSet::READ_HANG_UP
+            | if writable {
+                EventSet::OUT
+            } else {
+                EventSet::empty()
+            };
+        if ops.add(Events::new(stream, set)).is_err() {
+            let _ = ops.modify(Events::new(stream, set));
+        }
+    }
+
+    /// One packet from the guest.
+    fn handle_guest_packet(&mut self, h: PacketHeader, payload: &[u8], ops: &mut EventOps) {
+        let (src_cid, dst_cid, type_) = (h.src_cid, h.dst_cid, h.type_);
+        if src_cid != self.guest_cid || dst_cid != HOST_CID || type_ != TYPE_STREAM {
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        let op = h.op;
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.peer_buf_alloc = h.buf_alloc;
+            c.peer_fwd_cnt = h.fwd_cnt;
+        }
+        match op {
+            OP_REQUEST => {
+                if self.conns.contains_key(&key) {
+                    return self.rst(key.0, key.1);
+                }
+                let path = format!("{}_{}", self.uds_path, key.0);
+                match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+                    Ok(stream) => {
+                        Self::watch(ops, &stream, false);
+                        self.by_fd.insert(stream.as_raw_fd(), key);
+                        let mut c = Connection::new(stream, ConnState::Established, key.0);
+                        c.peer_buf_alloc = h.buf_alloc;
+                        c.peer_fwd_cnt = h.fwd_cnt;
+                        self.conns.insert(key, c);
+                        self.reply(key, OP_RESPONSE, 0);
+                    }
+                    Err(_) => self.rst(key.0, key.1),
+                }
+            }
+            OP_RESPONSE => match self.conns.get_mut(&key) {
+                Some(c) if c.state == ConnState::Connecting => {
+                    c.state = ConnState::Established;
+                    let ok = format!("OK {}\n", c.local_port);
+                    c.to_host.splice(0..0, ok.bytes());
+                    // The OK line is not guest data: it does not count towards fwd_cnt.
+                    c.fwd_cnt = c.fwd_cnt.wrapping_sub(ok.len() as u32);
+                    if !c.flush_to_host() {
+                        self.remove(key, ops);
+                        self.rst(key.0, key.1);
+                    } else {
+                        c.readable = true;
+                    }
+                }
+                _ => self.rst(key.0, key.1),
+            },
+            OP_RW => {
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return self.rst(key.0, key.1);
+                };
+                if c.state != ConnState::Established
+                    || c.to_host.len() + payload.len() > BUF_ALLOC as usize
+                {
+                    // The guest ignored its credit: the connection cannot keep its promise.
+                    self.remove(key, ops);
+                    return self.rst(key.0, key.1);
+                }
+                c.to_host.extend_from_slice(payload);
+                if !c.flush_to_host() {
+                    self.remove(key, ops);
+                    return self.rst(key.0, key.1);
+                }
+                let backlog = !c.to_host.is_empty();
+                let stale = c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4;
+                if backlog {
+                    let stream = c.stream.try_clone();
+                    if let Ok(s) = stream {
+                        Self::watch(ops, &s, true);
+                    }
+                }
+                if stale {
+                    self.reply(key, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            OP_CREDIT_UPDATE => {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.readable = true;
+                }
+            }
+            OP_CREDIT_REQUEST if self.conns.contains_key(&key) => {
+                self.reply(key, OP_CREDIT_UPDATE, 0);
+            }
+            OP_SHUTDOWN => {
+                let flags = h.flags;
+                if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    self.remove(key, ops);
+                    self.rst(key.0, key.1);
+                } else if flags & SHUTDOWN_SEND != 0 {
+                    if let Some(c) = self.conns.get(&key) {
+                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+            }
+            OP_RST => self.remove(key, ops),
+            _ => {}
+        }
+    }
+
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut payload = vec![0u8; MAX_PKT_PAYLOAD];
+        let mut used = false;
+        while let Some(chain) = active.queues[TX].pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            if let Ok(mut reader) = chain.reader(&mem) {
+                if let Ok(h) = reader.read_obj::<PacketHeader>() {
+                    let len = h.len as usize;
+                    if len <= MAX_PKT_PAYLOAD
+                        && len <= reader.available_bytes()
+                        && reader.read_exact(&mut payload[..len]).is_ok()
+                    {
+                        self.handle_guest_packet(h, &payload[..len], ops);
+                    }
+                }
+            }
+            if active.queues[TX].add_used(&mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used && active.queues[TX].needs_notification(&mem).unwrap_or(true) {
+            active.irq.trigger(INT_USED_RING);
+        }
+        self.active = Some(active);
+        self.process_rx(ops);
+    }
+
+    /// Fills the guest's receive buffers: control packets first, then data from host sockets
+    /// that have something to say and credit to say it with.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut delivered = false;
+        let mut buf = vec![0u8; MAX_PKT_PAYLOAD];
+        let mut dead = Vec::new();
+        'buffers: loop {
+            // Pick what to send before taking a buffer, so no buffer is taken for nothing.
+            let next = if let Some(h) = self.control.front().copied() {
+                Some((h, 0usize, None))
+            } else {
+                let mut found = None;
+                for (key, c) in self.conns.iter_mut() {
+                    if c.state != ConnState::Established || !c.readable {
+                        continue;
+                    }
+                    let credit = c.peer_credit() as usize;
+                    if c.host_eof {
+                        continue;
+                    }
+                    if credit == 0 {
+                        continue;
+                    }
+                    found = Some(*key);
+                    let _ = credit;
+                    break;
+                }
+                match found {
+                    Some(key) => Some((header(key.0, self.guest_cid, key.1, OP_RW), 0, Some(key))),
+                    None => None,
+                }
+            };
+            let Some((mut h, _, key)) = next else {
+                break;
+            };
+            let Some(chain) = active.queues[RX].pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let Ok(mut writer) = chain.writer(&mem) else {
+                let _ = active.queues[RX].add_used(&mem, head, 0);
+                continue;
+            };
+            let room = writer.available_bytes().saturating_sub(HEADER_LEN);
+            let mut len = 0usize;
+            if let Some(key) = key {
+                let Some(c) = self.conns.get_mut(&key) else {
+                    active.queues[RX].go_to_previous_position();
+                    continue;
+                };
+                let want = room.min(c.peer_credit() as usize).min(MAX_PKT_PAYLOAD);
+                if !c.to_guest_prefix.is_empty() {
+                    len = want.min(c.to_guest_prefix.len());
+                    buf[..len].copy_from_slice(&c.to_guest_prefix[..len]);
+                    c.to_guest_prefix.drain(..len);
+                } else {
+                    match c.stream.read(&mut buf[..want]) {
+                        Ok(0) => {
+                            c.host_eof = true;
+                            c.readable = false;
+                        }
+                        Ok(n) => len = n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => c.readable = false,
+                        Err(_) => {
+                            c.readable = false;
+                            c.host_eof = true;
+                        }
+                    }
+                }
+                if len == 0 {
+                    // Nothing after all: give the buffer back and look again.
+                    active.queues[RX].go_to_previous_position();
+                    if c.host_eof {
+                        self.control.push_back({
+                            let mut s = header(key.0, self.guest_cid, key.1, OP_SHUTDOWN);
+                            s.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                            s
+                        });
+                        dead.push(key);
+                    }
+                    continue 'buffers;
+                }
+                c.tx_cnt = c.tx_cnt.wrapping_add(len as u32);
+                h.len = len as u32;
+                h.fwd_cnt = c.fwd_cnt;
+                c.fwd_cnt_sent = c.fwd_cnt;
+            } else {
+                self.control.pop_front();
+                if let Some(c) = self.conns.get_mut(&(h.src_port, h.dst_port)) {
+                    h.fwd_cnt = c.fwd_cnt;
+                }
+            }
+            let ok = writer.write_obj(h).is_ok() && writer.write_all(&buf[..len]).is_ok();
+            let written = if ok { (HEADER_LEN + len) as u32 } else { 0 };
+            if active.queues[RX].add_used(&mem, head, written).is_err() {
+                break;
+            }
+            delivered = true;
+        }
+        for key in dead {
+            // The guest answers SHUTDOWN with RST; the host side is finished either way.
+            if let Some(c) = self.conns.get(&key) {
+                let _ = ops.remove(Events::empty(&c.stream));
+            }
+        }
+        if delivered && active.queues[RX].needs_notification(&mem).unwrap_or(true) {
+            active.irq.trigger(INT_USED_RING);
+        }
+        self.active = Some(active);
+    }
+
+    fn send_transport_reset(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        if let Some(chain) = active.queues[EVT].pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let written = match chain.writer(&mem) {
+                Ok(w) if w.clone().write_obj(EVENT_TRANSPORT_RESET).is_ok() => 4,
+                _ => 0,
+            };
+            let _ = active.queues[EVT].add_used(&mem, head, written);
+            active.irq.trigger(INT_USED_RING);
+            self.transport_reset_pending = false;
+        }
+    }
+
+    fn accept_host_connections(&mut self, ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            Self::watch(ops, &stream, false);
+            self.handshakes
+                .insert(stream.as_raw_fd(), (stream, Vec::new()));
+        }
+    }
+
+    fn continue_handshake(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some((mut stream, mut line)) = self.handshakes.remove(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    let _ = ops.remove(Events::empty(&stream));
+                    return;
+                }
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    let _ = ops.remove(Events::empty(&stream));
+                    return;
+                }
+            }
+            if line.contains(&b'\n') || line.len() > MAX_CONNECT_LINE {
+                break;
+            }
+        }
+        let Some(nl) = line.iter().position(|&b| b == b'\n') else {
+            if line.len() > MAX_CONNECT_LINE {
+                let _ = ops.remove(Events::empty(&stream));
+            } else {
+                self.handshakes.insert(fd, (stream, line));
+            }
+            return;
+        };
+        let Some(guest_port) = parse_connect(&line[..nl]) else {
+            let _ = ops.remove(Events::empty(&stream));
+            return;
+        };
+        let local_port = self.next_local_port;
+        self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        let key = (local_port, guest_port);
+        let mut c = Connection::new(stream, ConnState::Connecting, local_port);
+        c.to_guest_prefix = line[nl + 1..].to_vec();
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, c);
+        self.control
+            .push_back(header(local_port, self.guest_cid, guest_port, OP_REQUEST));
+        self.process_rx(ops);
+    }
+
+    fn host_socket_event(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps) {
+        if self.handshakes.contains_key(&fd) {
+            return self.continue_handshake(fd, ops);
+        }
+        let Some(&key) = self.by_fd.get(&fd) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if set.contains(EventSet::OUT) {
+            if !c.flush_to_host() {
+                self.remove(key, ops);
+                self.rst(key.0, key.1);
+                return self.process_rx(ops);
+            }
+            if c.to_host.is_empty() {
+                let stream = c.stream.try_clone();
+                if let Ok(s) = stream {
+                    let _ = ops.modify(Events::new(
+                        &s,
+                        EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
+                    ));
+                }
+                self.reply(key, OP_CREDIT_UPDATE, 0);
+            }
+        }
+        if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.readable = true;
+            }
+        }
+        self.process_rx(ops);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        if a.queues.len() != 3 {
+            return Err("vsock needs rx, tx and event queues".into());
+        }
+        self.active = Some(Active {
+            mem: a.mem,
+            queues: a.queues,
+            irq: a.irq,
+        });
+        if self.transport_reset_pending {
+            self.send_transport_reset();
+        }
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        // Host ends of open connections are closed with them.
+        self.conns.clear();
+        self.by_fd.clear();
+        self.control.clear();
+    }
+    fn queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+    fn after_restore(&mut self) {
+        self.transport_reset_pending = true;
+        self.send_transport_reset();
+    }
+}
+
+const TOKEN_LISTENER: u32 = 3;
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
+        }
+        let _ = ops.add(Events::with_data(
+            &self.listener,
+            TOKEN_LISTENER,
+            EventSet::IN,
+        ));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue_evts[RX].as_raw_fd() {
+            let _ = self.queue_evts[RX].read();
+            self.process_rx(ops);
+        } else if fd == self.queue_evts[TX].as_raw_fd() {
+            let _ = self.queue_evts[TX].read();
+            self.process_tx(ops);
+        } else if fd == self.queue_evts[EVT].as_raw_fd() {
+            let _ = self.queue_evts[EVT].read();
+            if self.transport_reset_pending {
+                self.send_transport_reset();
+            }
+        } else if fd == self.listener.as_raw_fd() {
+            self.accept_host_connections(ops);
+        } else {
+            self.host_socket_event(fd, events.event_set(), ops);
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_44_bytes() {
+        assert_eq!(HEADER_LEN, 44);
+    }
+
+    #[test]
+    fn connect_lines_parse() {
+        assert_eq!(parse_connect(b"CONNECT 52\n"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
+        for bad in [
+            &b"CONNECT\n"[..],
+            b"connect 52\n",
+            b"CONNECT -1\n",
+            b"CONNECT 99999999999\n",
+            b"\xff\n",
+        ] {
+            assert_eq!(parse_connect(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn credit_never_goes_negative() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Connection::new(a, ConnState::Established, 1);
+        c.peer_buf_alloc = 100;
+        c.tx_cnt = 60;
+        c.peer_fwd_cnt = 10;
+        assert_eq!(c.peer_credit(), 50);
+        c.tx_cnt = 200;
+        assert_eq!(c.peer_credit(), 0);
+        // Counters wrap: 10 sent past the wrap, 5 acknowledged before it.
+        c.tx_cnt = 10;
+        c.peer_fwd_cnt = u32::MAX - 4;
+        assert_eq!(c.peer_credit(), 100 - 15);
+    }
+
+    #[test]
+    fn reserved_cids_and_bad_paths_are_refused() {
+        assert!(matches!(
+            Vsock::new(2, "/tmp/x"),
+            Err(VsockError::BadCid(2))
+        ));
+        assert!(matches!(
+            Vsock::new(3, "/nonexistent/dir/v.sock"),
+            Err(VsockError::Listen { .. })
+        ));
+    }
+}
