@@ -1,6 +1,7 @@
 //! The guest agent's API end to end: the real `airlock-agent` binary, PID 1 of fresh
 //! namespaces, driven over its Unix socket.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use airlock_tests::agent::*;
@@ -114,7 +115,10 @@ fn health_version_and_bad_requests() {
         {
             Ok(r) => assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE),
             Err(e) => {
-                println!("NOTE: the agent closed the connection during the oversized upload: {e}")
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "NOTE: the agent closed the connection during the oversized upload: {e}"
+                );
             }
         }
         let mut c = agent.client().await;
@@ -189,7 +193,8 @@ fn user_code_runs_unprivileged_in_its_cgroup() {
         assert_eq!(lines.next(), Some("65534"), "{text}");
         let health = c.call(Method::GET, "/v1/health", None).await.unwrap();
         if health["cgroup"].is_null() {
-            println!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "NOTE: no user cgroup on this host: {}",
                 health["cgroup_error"]
             );
@@ -211,8 +216,7 @@ fn user_code_runs_unprivileged_in_its_cgroup() {
         let scores: Vec<&str> = scores.lines().collect();
         assert_eq!(scores[1], "0", "user code is not shielded");
         if scores[0] != "-1000" {
-            println!(
-                "NOTE: the agent could not lower its oom_score_adj here (no CAP_SYS_RESOURCE); got {}",
+            let _ = writeln!(std::io::stderr(), "NOTE: the agent could not lower its oom_score_adj here (no CAP_SYS_RESOURCE); got {}",
                 scores[0]
             );
         }

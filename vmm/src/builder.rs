@@ -311,6 +311,10 @@ fn serve_memory_faults(
     std::thread::Builder::new()
         .name("fc_uffd".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Uffd) {
+                let _ = exit_tx.send(VmExit::Error(e.to_string()));
+                return;
+            }
             let mut page = vec![0u8; uffd::PAGE_SIZE as usize];
             loop {
                 let served = handler_uffd.next_fault().and_then(|fault| match fault {
@@ -335,6 +339,10 @@ fn serve_memory_faults(
         std::thread::Builder::new()
             .name("fc_uffd_prefetch".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Uffd) {
+                    eprintln!("airlock-vmm: memory prefetch not started: {e}");
+                    return;
+                }
                 for r in regions {
                     if let Err(e) = uffd::populate_region(&uffd, &file, r) {
                         // The fault handler still serves every page; only the head start is lost.

@@ -11,4 +11,5 @@ pub mod config;
 pub mod devices;
 pub mod persist;
 pub mod rpc;
+pub mod seccomp;
 pub mod vstate;

@@ -42,6 +42,13 @@ struct Cli {
     /// own memory.
     #[arg(long)]
     boot_timer: bool,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Use this seccomp filter file (seccompiler JSON with `main`, `api`, `vcpu` and `uffd`
+    /// filters) instead of the built-in filters.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -139,6 +146,10 @@ fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
     if !cli.no_api && cli.api_sock.is_none() {
         return fail("give --api-sock PATH to serve the API, or --no-api --config-file PATH");
     }
+    // Before the API socket's threads start: they inherit the main thread's filter.
+    if let Err(e) = airlock_vmm::seccomp::init(cli.no_seccomp, cli.seccomp_filter.as_deref()) {
+        return fail(e);
+    }
     let config = match &cli.config_file {
         Some(path) => match VmConfig::from_file(path) {
             Ok(c) => c,
@@ -179,7 +190,13 @@ fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
         let api_controller = controller.clone();
         let spawned = std::thread::Builder::new()
             .name("fc_api".into())
-            .spawn(move || api_server::serve(server, api_controller));
+            .spawn(move || {
+                if let Err(e) = airlock_vmm::seccomp::apply(airlock_vmm::seccomp::ThreadRole::Api) {
+                    eprintln!("airlock-vmm: error: {e}");
+                    std::process::exit(1);
+                }
+                api_server::serve(server, api_controller)
+            });
         if let Err(e) = spawned {
             cleanup();
             return fail(format!("cannot start the API thread: {e}"));

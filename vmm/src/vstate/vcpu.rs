@@ -188,7 +188,13 @@ impl VcpuRunner {
         let thread = std::thread::Builder::new()
             .name(format!("fc_vcpu {index}"))
             .stack_size(256 << 10)
-            .spawn(move || self.run(&thread_control))
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Vcpu) {
+                    let _ = self.exit_tx.send(VmExit::Error(e.to_string()));
+                    return;
+                }
+                self.run(&thread_control)
+            })
             .map_err(|e| format!("cannot start the thread for vCPU {index}: {e}"))?;
         Ok(VcpuHandle {
             index,

@@ -194,10 +194,16 @@ pub fn start_event_loop(slots: &[VirtioSlot]) -> Result<(), String> {
     }
     std::thread::Builder::new()
         .name("fc_devices".into())
-        .spawn(move || loop {
-            if let Err(e) = manager.run() {
-                eprintln!("airlock-vmm: device event loop: {e:?}");
-                std::thread::sleep(std::time::Duration::from_millis(10));
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Devices) {
+                eprintln!("airlock-vmm: error: {e}");
+                std::process::exit(1);
+            }
+            loop {
+                if let Err(e) = manager.run() {
+                    eprintln!("airlock-vmm: device event loop: {e:?}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
         })
         .map(|_| ())

@@ -244,7 +244,8 @@ impl VirtioDevice for Block {
             queue,
             irq: a.irq,
         });
-        self.process_queue();
+        // The work itself happens on the device loop, never on the vCPU that activated us.
+        self.kick_queues();
         Ok(())
     }
     fn reset(&mut self) {
@@ -321,6 +322,7 @@ mod tests {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
+        blk.process_queue();
         let used = vq.used().ring().ref_at(0).unwrap().load();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
     }

@@ -85,6 +85,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The live queues, for snapshots (None before activation).
     fn queues(&self) -> Option<&[Queue]>;
+    /// Wakes the device loop for every queue, e.g. for buffers the driver posted before
+    /// activation.
+    fn kick_queues(&self) {
+        for evt in self.queue_events() {
+            let _ = evt.write(1);
+        }
+    }
     /// Called after a restore, before the guest runs again: e.g. vsock tells the guest its
     /// connections are gone.
     fn after_restore(&mut self) {}

@@ -240,8 +240,8 @@ impl VirtioDevice for Net {
             queues: a.queues,
             irq: a.irq,
         });
-        self.process_tx();
-        self.process_rx();
+        // The work itself happens on the device loop, never on the vCPU that activated us.
+        self.kick_queues();
         Ok(())
     }
     fn reset(&mut self) {

@@ -87,7 +87,8 @@ impl VirtioDevice for Rng {
             irq: a.irq,
         });
         // Requests made before activation were waiting on the eventfd.
-        self.process_queue();
+        // The work itself happens on the device loop, never on the vCPU that activated us.
+        self.kick_queues();
         Ok(())
     }
     fn reset(&mut self) {
@@ -144,6 +145,7 @@ mod tests {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
+        rng.process_queue();
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 64);
         let mut buf = [0u8; 64];
@@ -167,6 +169,7 @@ mod tests {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
+        rng.process_queue();
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 0);
         let _ = F_NEXT;
     }
