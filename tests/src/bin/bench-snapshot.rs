@@ -106,7 +106,10 @@ fn main() {
         .unwrap_or(10);
     let dir = scratch_dir("bench-snapshot");
     println!("airlock-vmm snapshot benchmark: test guest `spin`, 1 vCPU, {runs} restores per row");
-    println!("{:<44} {:>9} {:>9}   baseline / target", "measure", "p50", "p90");
+    println!(
+        "{:<44} {:>9} {:>9}   baseline / target",
+        "measure", "p50", "p90"
+    );
     let mut counter = 0;
     for mem_mib in [128u64, 1024] {
         let t = make_template(&dir, &format!("t{mem_mib}"), mem_mib);
