@@ -242,6 +242,13 @@ pub unsafe fn mmio_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
+/// # Safety
+/// `addr` must be a mapped device register (or memory) that may be read.
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
 pub struct Cpuid {
     pub eax: u32,
     pub ebx: u32,

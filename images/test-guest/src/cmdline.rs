@@ -1,5 +1,6 @@
 //! Kernel command-line parsing: `probe=<scenario>`, `expect_mem_mib=<N>`,
-//! `expect_cpus=<N>`. Unknown tokens are ignored, like Linux does.
+//! `expect_cpus=<N>`, `fill_mib=<N>` and the virtio scenarios' options. Unknown tokens
+//! are ignored, like Linux does (`virtio_mmio.device=` tokens are read by `virtio.rs`).
 
 use core::fmt;
 
@@ -12,6 +13,14 @@ pub struct Args<'a> {
     pub expect_cpus: Option<u64>,
     /// `spin` only: fill this many MiB with the memory pattern first, verify it at the end.
     pub fill_mib: Option<u64>,
+    /// `virtio-blk`: sectors to read from sector 0, sectors to write after them, and
+    /// whether the disk is attached read-only (nonzero).
+    pub blk_read: Option<u64>,
+    pub blk_write: Option<u64>,
+    pub blk_ro: Option<u64>,
+    /// `virtio-vsock`: host port to connect to, guest port to accept a connection on.
+    pub vsock_port: Option<u64>,
+    pub vsock_listen: Option<u64>,
     /// The first malformed value. Parsing goes on so `probe` is known for the report.
     pub error: Option<ArgError<'a>>,
 }
@@ -44,6 +53,10 @@ pub enum Scenario {
     Exception,
     /// Ask for a reboot as soon as the guest runs: the benchmark's trivial guest.
     Reboot,
+    VirtioBlk,
+    VirtioRng,
+    VirtioVsock,
+    VirtioNet,
 }
 
 /// The command line up to its terminating NUL; `None` when `raw` holds no NUL.
@@ -86,6 +99,11 @@ pub fn parse(line: &[u8]) -> Args<'_> {
             b"expect_mem_mib" => (&mut args.expect_mem_mib, "expect_mem_mib"),
             b"expect_cpus" => (&mut args.expect_cpus, "expect_cpus"),
             b"fill_mib" => (&mut args.fill_mib, "fill_mib"),
+            b"blk_read" => (&mut args.blk_read, "blk_read"),
+            b"blk_write" => (&mut args.blk_write, "blk_write"),
+            b"blk_ro" => (&mut args.blk_ro, "blk_ro"),
+            b"vsock_port" => (&mut args.vsock_port, "vsock_port"),
+            b"vsock_listen" => (&mut args.vsock_listen, "vsock_listen"),
             _ => continue,
         };
         match parse_u64(value) {
@@ -108,6 +126,10 @@ pub fn parse_scenario(s: &[u8]) -> Option<Scenario> {
         b"triple-fault" => Scenario::TripleFault,
         b"exception" => Scenario::Exception,
         b"reboot" => Scenario::Reboot,
+        b"virtio-blk" => Scenario::VirtioBlk,
+        b"virtio-rng" => Scenario::VirtioRng,
+        b"virtio-vsock" => Scenario::VirtioVsock,
+        b"virtio-net" => Scenario::VirtioNet,
         _ => {
             let mib = parse_u64(s.strip_prefix(b"mem:")?)?;
             // Reject 0 and sizes whose byte count would not fit in a u64.
@@ -131,6 +153,18 @@ mod tests {
         assert_eq!(a.expect_mem_mib, Some(256));
         assert_eq!(a.expect_cpus, Some(2));
         assert_eq!(parse(b"probe=spin fill_mib=3").fill_mib, Some(3));
+        let a = parse(
+            b"probe=virtio-blk blk_read=16 blk_write=4 blk_ro=1 \
+              vsock_port=5000 vsock_listen=6000 virtio_mmio.device=4K@0xd0001000:5",
+        );
+        assert_eq!(a.error, None);
+        assert_eq!(
+            (a.blk_read, a.blk_write, a.blk_ro),
+            (Some(16), Some(4), Some(1))
+        );
+        assert_eq!((a.vsock_port, a.vsock_listen), (Some(5000), Some(6000)));
+        assert!(parse(b"vsock_port=0x10").error.is_some());
+        assert!(parse(b"blk_ro=yes").error.is_some());
     }
 
     #[test]
@@ -176,6 +210,11 @@ mod tests {
         assert_eq!(parse_scenario(b"triple-fault"), Some(Scenario::TripleFault));
         assert_eq!(parse_scenario(b"exception"), Some(Scenario::Exception));
         assert_eq!(parse_scenario(b"reboot"), Some(Scenario::Reboot));
+        assert_eq!(parse_scenario(b"virtio-blk"), Some(Scenario::VirtioBlk));
+        assert_eq!(parse_scenario(b"virtio-rng"), Some(Scenario::VirtioRng));
+        assert_eq!(parse_scenario(b"virtio-vsock"), Some(Scenario::VirtioVsock));
+        assert_eq!(parse_scenario(b"virtio-net"), Some(Scenario::VirtioNet));
+        assert_eq!(parse_scenario(b"virtio-console"), None);
         assert_eq!(parse_scenario(b"mem:64"), Some(Scenario::Mem(64)));
         assert_eq!(parse_scenario(b"mem:0"), None);
         assert_eq!(parse_scenario(b"mem:"), None);

@@ -20,6 +20,10 @@ mod kbd;
 mod memtest;
 mod mptable;
 mod paging;
+mod virtio;
+mod virtio_blk;
+mod virtio_net;
+mod virtio_vsock;
 
 #[cfg(target_os = "none")]
 mod arch;
@@ -31,6 +35,10 @@ mod kernel;
 mod scenario;
 #[cfg(target_os = "none")]
 mod smp;
+#[cfg(target_os = "none")]
+mod virtio_mmio;
+#[cfg(target_os = "none")]
+mod virtio_scenarios;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

@@ -1,5 +1,6 @@
 //! The scenarios selected with `probe=`. Each returns `Ok` for `PROBE OK` or the
-//! reason for `PROBE FAIL`; `triple-fault` and `exception` do not return.
+//! reason for `PROBE FAIL`; `triple-fault` and `exception` do not return. The virtio
+//! device scenarios are in `virtio_scenarios.rs`.
 
 use crate::arch;
 use crate::cmdline::{self, Scenario};
@@ -10,6 +11,7 @@ use crate::kernel::BootInfo;
 use crate::memtest;
 use crate::mptable::{self, MpInfo};
 use crate::smp::{self, ApWork};
+use crate::virtio_scenarios;
 use crate::{say, text};
 
 pub fn run(s: Scenario, info: &BootInfo) -> Result<(), LineBuf> {
@@ -21,6 +23,10 @@ pub fn run(s: Scenario, info: &BootInfo) -> Result<(), LineBuf> {
         Scenario::TripleFault => triple_fault(),
         Scenario::Exception => exception(),
         Scenario::Reboot => Ok(()),
+        Scenario::VirtioBlk => virtio_scenarios::blk(info),
+        Scenario::VirtioRng => virtio_scenarios::rng(info),
+        Scenario::VirtioVsock => virtio_scenarios::vsock(info),
+        Scenario::VirtioNet => virtio_scenarios::net(info),
     }
 }
 
