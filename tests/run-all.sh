@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The test guest and the default image, then the python image (about a minute, cached after).
 bash images/build.sh
+bash images/build.sh python
 for component in clippy rustfmt; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

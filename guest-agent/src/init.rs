@@ -240,8 +240,12 @@ pub fn configure_interface(net: &NetConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Final steps of a PID 1 shutdown: flush, stop everything, power off. Returns only if the
+/// Final steps of a PID 1 shutdown: flush, stop everything, and end the VM. Returns only if the
 /// kernel refused (the caller then exits).
+///
+/// The kernel is asked to reboot, not to power off: microVMs have no ACPI, so a power-off becomes
+/// a halt that leaves the VMM running, while a reboot (through the i8042 reset line, `reboot=k`)
+/// makes airlock-vmm, like Firecracker, stop the VM and exit 0.
 pub fn power_off() {
     nix::unistd::sync();
     let _ = nix::sys::signal::kill(
@@ -254,8 +258,8 @@ pub fn power_off() {
         nix::sys::signal::Signal::SIGKILL,
     );
     nix::unistd::sync();
-    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    log!("power off failed: {e}");
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    log!("reboot (to end the VM) failed: {e}");
 }
 
 #[cfg(test)]

@@ -12,4 +12,5 @@ pub mod devices;
 pub mod persist;
 pub mod rpc;
 pub mod seccomp;
+pub mod vfio;
 pub mod vstate;

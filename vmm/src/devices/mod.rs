@@ -3,6 +3,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 pub mod virtio;
 pub mod vm_generation;

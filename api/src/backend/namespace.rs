@@ -1,0 +1,369 @@
+//! The `namespace` backend: the agent runs as PID 1 of new mount, PID, UTS, IPC, cgroup and
+//! (network off) network namespaces on the host, on an overlay of the template's root
+//! filesystem, under the sandbox's cgroups, with reduced capabilities and a seccomp filter
+//! (`launch.rs`). The host kernel is shared: this is a weaker boundary than `vm`.
+//!
+//! Templates are root filesystem trees. A snapshot copies the sandbox's root tree into a new
+//! template; running processes and memory are not carried over (a fork starts fresh processes
+//! on a copy of the files).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{blocking, log_tail, report, sandbox_dir, wait_for_agent, Progress};
+use crate::cgroup::{self, Hierarchy, SandboxCgroups};
+use crate::error::ApiError;
+use crate::launch::LaunchSpec;
+use crate::model::{
+    AgentEndpoint, BackendKind, CreateTemplateRequest, Runtime, SandboxRecord, TemplateRecord,
+};
+
+pub const CARRIES: &str = "files only: the root filesystem tree; processes and memory are not carried (namespace backend)";
+
+/// Where the agent lives inside a namespace template (the daemon installs its own build).
+pub const AGENT_IN_ROOTFS: &str = "/.airlock/airlock-agent";
+
+pub struct NamespaceBackend {
+    pub state_dir: PathBuf,
+    pub hierarchy: Hierarchy,
+    pub agent_bin: PathBuf,
+    pub launcher: PathBuf,
+    pub cgroup_parent: String,
+    pub pids_max: u64,
+    pub allow_host_network: bool,
+    pub ready_timeout: Duration,
+}
+
+impl NamespaceBackend {
+    pub fn new(
+        state_dir: PathBuf,
+        agent_bin: PathBuf,
+        launcher: PathBuf,
+        allow_host_network: bool,
+    ) -> Result<NamespaceBackend, String> {
+        let hierarchy =
+            Hierarchy::detect(Path::new("/sys/fs/cgroup")).map_err(|e| e.to_string())?;
+        if !agent_bin.is_file() {
+            return Err(format!(
+                "the agent binary {} does not exist (build airlock-agent, or give --agent-bin)",
+                agent_bin.display()
+            ));
+        }
+        Ok(NamespaceBackend {
+            state_dir,
+            hierarchy,
+            agent_bin,
+            launcher,
+            cgroup_parent: "airlock".into(),
+            pids_max: 4096,
+            allow_host_network,
+            ready_timeout: Duration::from_secs(15),
+        })
+    }
+
+    pub async fn start(
+        &self,
+        rec: &SandboxRecord,
+        tpl: &TemplateRecord,
+    ) -> Result<Runtime, ApiError> {
+        if rec.network && !self.allow_host_network {
+            return Err(ApiError::BadRequest(
+                "network: true is not available with the namespace backend unless airlockd runs with \
+                 --namespace-host-network (the sandbox then shares the host's network namespace)"
+                    .into(),
+            ));
+        }
+        let lower = tpl.rootfs_dir.clone().ok_or_else(|| {
+            ApiError::Conflict(format!("template {:?} has no root filesystem", tpl.name))
+        })?;
+        let dir = sandbox_dir(&self.state_dir, &rec.id);
+        let socket = dir.join("run/agent.sock");
+        if socket.as_os_str().len() > 100 {
+            return Err(ApiError::Internal(format!(
+                "the agent socket path {} is too long for a Unix socket: use a shorter --state-dir",
+                socket.display()
+            )));
+        }
+        let (h, parent, id) = (
+            self.hierarchy.clone(),
+            self.cgroup_parent.clone(),
+            rec.id.clone(),
+        );
+        let (vcpus, mem, pids_max) = (rec.vcpus, rec.memory_mib, self.pids_max);
+        let dir2 = dir.clone();
+        let cgroups = blocking(move || {
+            for d in ["upper", "work", "root", "run"] {
+                std::fs::create_dir_all(dir2.join(d))
+                    .map_err(|e| ApiError::internal("creating the sandbox directory", e))?;
+            }
+            cgroup::create(&h, &parent, &id, vcpus, mem, pids_max)
+                .map_err(|e| ApiError::internal("creating the sandbox's cgroups", e))
+        })
+        .await;
+        let cgroups = match cgroups {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let mut rt = Runtime {
+            pid: 0,
+            pid_start_time: 0,
+            dir: dir.clone(),
+            agent: AgentEndpoint::Unix {
+                path: socket.clone(),
+            },
+            cgroups: cgroups.dirs.clone(),
+            freezer: Some(cgroups.freezer.clone()),
+            vmm_api_socket: None,
+            jail_id: None,
+            jail_dir: None,
+            tap: None,
+        };
+        match self.launch(rec, &lower, &dir, &cgroups).await {
+            Ok((pid, start)) => {
+                rt.pid = pid;
+                rt.pid_start_time = start;
+            }
+            Err(e) => {
+                let _ = self.stop(&rt).await;
+                return Err(e);
+            }
+        }
+        if let Err(e) = wait_for_agent(&rt.agent.addr(), self.ready_timeout).await {
+            let tail = log_tail(&dir.join("agent.log"), 2000);
+            let _ = self.stop(&rt).await;
+            return Err(ApiError::BadGateway(format!(
+                "sandbox {} did not start: {e}; agent log: {tail}",
+                rec.id
+            )));
+        }
+        Ok(rt)
+    }
+
+    async fn launch(
+        &self,
+        rec: &SandboxRecord,
+        lower: &Path,
+        dir: &Path,
+        cgroups: &SandboxCgroups,
+    ) -> Result<(i32, u64), ApiError> {
+        // 90% of the sandbox's memory for user code, the rest for the agent.
+        let user_mem = (rec.memory_mib << 20) / 10 * 9;
+        let spec = LaunchSpec {
+            id: rec.id.clone(),
+            hostname: rec.id.clone(),
+            lower: lower.to_path_buf(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            merged: dir.join("root"),
+            run_dir: dir.join("run"),
+            log: dir.join("agent.log"),
+            cgroup_procs: cgroups.procs.clone(),
+            cgroup_mounts: cgroups.visible.clone(),
+            host_network: rec.network,
+            agent_path: AGENT_IN_ROOTFS.into(),
+            agent_args: vec![
+                "--listen".into(),
+                "unix:/run/airlock/agent.sock".into(),
+                "--init".into(),
+                "always".into(),
+                "--user-memory-max".into(),
+                user_mem.to_string(),
+                "--user-pids-max".into(),
+                (self.pids_max.saturating_sub(64)).max(16).to_string(),
+            ],
+            tmp_size_mib: (rec.memory_mib / 2).max(16),
+        };
+        let json = serde_json::to_string(&spec).expect("specs serialize");
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(&self.launcher)
+                .arg("__launch")
+                .arg(json)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| ApiError::Internal("the sandbox launcher did not finish within 20 s".into()))?
+        .map_err(|e| ApiError::internal("running the sandbox launcher", e))?;
+        if !out.status.success() {
+            return Err(ApiError::Internal(format!(
+                "starting the sandbox failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let pid: i32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::Internal("the launcher printed no PID".into()))?;
+        let start = crate::sys::pid_start_time(pid).ok_or_else(|| {
+            ApiError::BadGateway(format!(
+                "the sandbox's agent exited at once: {}",
+                log_tail(&dir.join("agent.log"), 2000)
+            ))
+        })?;
+        Ok((pid, start))
+    }
+
+    pub async fn stop(&self, rt: &Runtime) -> Result<(), ApiError> {
+        let rt = rt.clone();
+        let layout = self.hierarchy.layout;
+        blocking(move || {
+            if crate::sys::process_alive(rt.pid, rt.pid_start_time) {
+                // SIGKILL to PID 1 of the sandbox ends its whole PID namespace.
+                // SAFETY: kill(2) on the pid we started, checked against its start time.
+                unsafe {
+                    libc::kill(rt.pid, libc::SIGKILL);
+                }
+            }
+            let cg = SandboxCgroups {
+                dirs: rt.cgroups.clone(),
+                procs: vec![],
+                visible: vec![],
+                freezer: rt.freezer.clone().unwrap_or_default(),
+                layout,
+            };
+            let result = cgroup::remove(&cg, Duration::from_secs(5));
+            crate::sys::reap(rt.pid);
+            let _ = std::fs::remove_dir_all(&rt.dir);
+            result.map_err(|e| ApiError::internal("freeing the sandbox's cgroups", e))
+        })
+        .await
+    }
+
+    pub async fn set_paused(&self, rt: &Runtime, paused: bool) -> Result<(), ApiError> {
+        let freezer = rt
+            .freezer
+            .clone()
+            .ok_or_else(|| ApiError::Internal("the sandbox has no freezer cgroup".into()))?;
+        let layout = self.hierarchy.layout;
+        blocking(move || {
+            cgroup::set_frozen(layout, &freezer, paused)
+                .map_err(|e| ApiError::internal(if paused { "pausing" } else { "resuming" }, e))
+        })
+        .await
+    }
+
+    /// Copies the sandbox's root tree (seen through its agent's /proc/PID/root, with the
+    /// sandbox frozen meanwhile) into a new template.
+    pub async fn snapshot(
+        &self,
+        rec: &SandboxRecord,
+        rt: &Runtime,
+        name: &str,
+        dir: &Path,
+    ) -> Result<TemplateRecord, ApiError> {
+        self.set_paused(rt, true).await?;
+        // The trailing slash makes lstat follow the magic link to the sandbox's root.
+        let source = PathBuf::from(format!("/proc/{}/root/", rt.pid));
+        let target = dir.join("rootfs");
+        let dir2 = dir.to_path_buf();
+        let copied = blocking(move || {
+            std::fs::create_dir_all(&dir2).map_err(|e| ApiError::internal("mkdir", e))?;
+            crate::sys::copy_tree(&source, &target, &mut |_| {})
+                .map_err(|e| ApiError::internal("copying the sandbox's files", e))
+        })
+        .await;
+        let thawed = self.set_paused(rt, false).await;
+        let copied = copied?;
+        thawed?;
+        Ok(TemplateRecord {
+            name: name.into(),
+            backend: BackendKind::Namespace,
+            created_at_ms: crate::sys::now_ms(),
+            source: format!("sandbox {}", rec.id),
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+            size_bytes: copied.bytes,
+            rootfs_dir: Some(dir.join("rootfs")),
+            kernel: None,
+            initrd: None,
+            rootfs_image: None,
+            boot_args: None,
+            snapshot_state: None,
+            snapshot_mem: None,
+            carries: CARRIES.into(),
+        })
+    }
+
+    /// An image directory's root tree: `<image>/rootfs`, or the image itself when it is one.
+    pub fn image_rootfs(image: &Path) -> Result<PathBuf, ApiError> {
+        let nested = image.join("rootfs");
+        if nested.is_dir() {
+            return Ok(nested);
+        }
+        if image.join("bin").exists() || image.join("sbin").exists() || image.join("usr").is_dir() {
+            return Ok(image.to_path_buf());
+        }
+        Err(ApiError::BadRequest(format!(
+            "{} is not an image for the namespace backend: it needs a rootfs/ directory (images/out/<name>/rootfs) or to be a root filesystem tree itself",
+            image.display()
+        )))
+    }
+
+    pub async fn build_template(
+        &self,
+        req: &CreateTemplateRequest,
+        dir: &Path,
+        progress: &Progress,
+    ) -> Result<TemplateRecord, ApiError> {
+        let from = Self::image_rootfs(&req.image)?;
+        let total = {
+            let f = from.clone();
+            blocking(move || Ok(crate::sys::tree_size(&f))).await?
+        };
+        report(
+            progress,
+            "copying the root filesystem",
+            serde_json::json!({"bytes_total": total}),
+        );
+        let target = dir.join("rootfs");
+        let (agent, dir2, p2) = (self.agent_bin.clone(), dir.to_path_buf(), progress.clone());
+        let copied = blocking(move || {
+            std::fs::create_dir_all(&dir2).map_err(|e| ApiError::internal("mkdir", e))?;
+            let mut last_report = 0u64;
+            let done = crate::sys::copy_tree(&from, &target, &mut |p| {
+                if p.bytes >= last_report + (4 << 20) {
+                    last_report = p.bytes;
+                    report(
+                        &p2,
+                        "copying the root filesystem",
+                        serde_json::json!({"bytes_done": p.bytes, "bytes_total": total, "files_done": p.files}),
+                    );
+                }
+            })
+            .map_err(|e| ApiError::internal("copying the image's root filesystem", e))?;
+            let agent_dir = target.join(".airlock");
+            std::fs::create_dir_all(&agent_dir).map_err(|e| ApiError::internal("mkdir", e))?;
+            std::fs::copy(&agent, agent_dir.join("airlock-agent"))
+                .map_err(|e| ApiError::internal("installing the agent", e))?;
+            Ok(done)
+        })
+        .await?;
+        report(
+            progress,
+            "root filesystem copied",
+            serde_json::json!({"bytes_done": copied.bytes, "files_done": copied.files}),
+        );
+        Ok(TemplateRecord {
+            name: req.name.clone(),
+            backend: BackendKind::Namespace,
+            created_at_ms: crate::sys::now_ms(),
+            source: req.image.display().to_string(),
+            vcpus: req.vcpus.unwrap_or(1),
+            memory_mib: req.memory_mib.unwrap_or(256),
+            size_bytes: copied.bytes,
+            rootfs_dir: Some(dir.join("rootfs")),
+            kernel: None,
+            initrd: None,
+            rootfs_image: None,
+            boot_args: None,
+            snapshot_state: None,
+            snapshot_mem: None,
+            carries: CARRIES.into(),
+        })
+    }
+}

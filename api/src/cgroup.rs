@@ -1,0 +1,343 @@
+//! Per-sandbox cgroups on the host (namespace backend): cgroup v1 (a directory in the memory,
+//! cpu, pids, freezer and devices hierarchies) or v2 (one directory, `cgroup.freeze`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy (need v1 memory, cpu, pids and freezer, or v2 with memory and pids)")]
+    NotFound,
+    #[error("cgroup {step} on {path}: {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        step,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    V1,
+    V2,
+}
+
+/// Where cgroups are mounted.
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    pub root: PathBuf,
+    pub layout: Layout,
+}
+
+/// v1 controllers a sandbox gets a directory in, and those the agent inside sees.
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "pids", "freezer", "devices"];
+const V1_VISIBLE: &[&str] = &["pids", "memory", "cpu"];
+/// Device nodes a sandbox may use (v1 devices controller).
+const DEVICES_ALLOWED: &[&str] = &[
+    "c 1:3 rwm",   // null
+    "c 1:5 rwm",   // zero
+    "c 1:7 rwm",   // full
+    "c 1:8 rwm",   // random
+    "c 1:9 rwm",   // urandom
+    "c 5:0 rwm",   // tty
+    "c 5:2 rwm",   // ptmx
+    "c 136:* rwm", // pts
+];
+
+impl Hierarchy {
+    /// Finds the hierarchy under `root` (normally /sys/fs/cgroup).
+    pub fn detect(root: &Path) -> Result<Hierarchy, CgroupError> {
+        let v1 = V1_CONTROLLERS[..4]
+            .iter()
+            .all(|c| root.join(c).join("cgroup.procs").exists());
+        if v1 {
+            return Ok(Hierarchy {
+                root: root.to_path_buf(),
+                layout: Layout::V1,
+            });
+        }
+        let controllers =
+            std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+        if has("memory") && has("pids") {
+            return Ok(Hierarchy {
+                root: root.to_path_buf(),
+                layout: Layout::V2,
+            });
+        }
+        Err(CgroupError::NotFound)
+    }
+}
+
+/// A sandbox's cgroups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxCgroups {
+    /// Every directory made, to remove at the end.
+    pub dirs: Vec<PathBuf>,
+    /// The `cgroup.procs` files the sandbox's first process joins.
+    pub procs: Vec<PathBuf>,
+    /// (name under /sys/fs/cgroup in the sandbox, host directory) to bind-mount for the agent.
+    pub visible: Vec<(String, PathBuf)>,
+    /// v1 freezer directory or v2 directory.
+    pub freezer: PathBuf,
+    pub layout: Layout,
+}
+
+fn write(path: &Path, value: &str, step: &'static str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(io(step, path))
+}
+
+/// Creates `<hierarchy>/<parent>/<id>` with the sandbox's limits: memory, CPU bandwidth of
+/// `vcpus` CPUs, pids, devices.
+pub fn create(
+    h: &Hierarchy,
+    parent: &str,
+    id: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    pids_max: u64,
+) -> Result<SandboxCgroups, CgroupError> {
+    let mut made = SandboxCgroups {
+        dirs: vec![],
+        procs: vec![],
+        visible: vec![],
+        freezer: PathBuf::new(),
+        layout: h.layout,
+    };
+    let result = create_inner(h, parent, id, vcpus, memory_mib, pids_max, &mut made);
+    if let Err(e) = result {
+        let _ = remove(&made, Duration::from_millis(500));
+        return Err(e);
+    }
+    Ok(made)
+}
+
+fn create_inner(
+    h: &Hierarchy,
+    parent: &str,
+    id: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    pids_max: u64,
+    made: &mut SandboxCgroups,
+) -> Result<(), CgroupError> {
+    let memory = (memory_mib << 20).to_string();
+    let quota = (u64::from(vcpus) * 100_000).to_string();
+    match h.layout {
+        Layout::V1 => {
+            for c in V1_CONTROLLERS {
+                let base = h.root.join(c);
+                if !base.join("cgroup.procs").exists() {
+                    continue;
+                }
+                let parent_dir = base.join(parent);
+                if !parent_dir.exists() {
+                    std::fs::create_dir_all(&parent_dir).map_err(io("mkdir", &parent_dir))?;
+                }
+                let dir = parent_dir.join(id);
+                std::fs::create_dir(&dir).map_err(io("mkdir", &dir))?;
+                made.dirs.push(dir.clone());
+                match *c {
+                    "memory" => {
+                        write(&dir.join("memory.limit_in_bytes"), &memory, "memory limit")?;
+                    }
+                    "cpu" => {
+                        write(&dir.join("cpu.cfs_period_us"), "100000", "cpu period")?;
+                        write(&dir.join("cpu.cfs_quota_us"), &quota, "cpu quota")?;
+                    }
+                    "pids" => write(&dir.join("pids.max"), &pids_max.to_string(), "pids.max")?,
+                    "freezer" => made.freezer = dir.clone(),
+                    "devices" => {
+                        write(&dir.join("devices.deny"), "a", "devices.deny")?;
+                        for rule in DEVICES_ALLOWED {
+                            write(&dir.join("devices.allow"), rule, "devices.allow")?;
+                        }
+                    }
+                    _ => {}
+                }
+                made.procs.push(dir.join("cgroup.procs"));
+                if V1_VISIBLE.contains(c) {
+                    made.visible.push((c.to_string(), dir));
+                }
+            }
+        }
+        Layout::V2 => {
+            // Controllers enabled from the root down to the sandbox's directory, which hands
+            // them on to the agent's leaf and the agent's user cgroup.
+            let mut dir = h.root.clone();
+            for part in [parent, id] {
+                write(
+                    &dir.join("cgroup.subtree_control"),
+                    "+memory +pids +cpu",
+                    "enable controllers",
+                )?;
+                dir = dir.join(part);
+                if !dir.exists() {
+                    std::fs::create_dir(&dir).map_err(io("mkdir", &dir))?;
+                }
+            }
+            made.dirs.push(dir.clone());
+            write(&dir.join("memory.max"), &memory, "memory.max")?;
+            write(&dir.join("pids.max"), &pids_max.to_string(), "pids.max")?;
+            let _ = write(&dir.join("cpu.max"), &format!("{quota} 100000"), "cpu.max");
+            let leaf = dir.join("agent");
+            std::fs::create_dir(&leaf).map_err(io("mkdir", &leaf))?;
+            made.procs.push(leaf.join("cgroup.procs"));
+            made.visible.push((String::new(), dir.clone()));
+            made.freezer = dir;
+        }
+    }
+    Ok(())
+}
+
+/// The processes in a cgroup directory and all below it.
+fn members(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Freezes (pause) or thaws (resume) the sandbox, waiting until the kernel says it is done.
+pub fn set_frozen(layout: Layout, freezer: &Path, frozen: bool) -> Result<(), CgroupError> {
+    let (file, value, want) = match (layout, frozen) {
+        (Layout::V1, true) => ("freezer.state", "FROZEN", "FROZEN"),
+        (Layout::V1, false) => ("freezer.state", "THAWED", "THAWED"),
+        (Layout::V2, true) => ("cgroup.freeze", "1", "frozen 1"),
+        (Layout::V2, false) => ("cgroup.freeze", "0", "frozen 0"),
+    };
+    write(&freezer.join(file), value, "freeze")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = match layout {
+            Layout::V1 => {
+                std::fs::read_to_string(freezer.join("freezer.state")).unwrap_or_default()
+            }
+            Layout::V2 => std::fs::read_to_string(freezer.join("cgroup.events"))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("frozen "))
+                .unwrap_or_default()
+                .to_string(),
+        };
+        if state.trim() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CgroupError::Timeout(format!(
+                "{} did not become {want} within 5 s (it is {:?})",
+                freezer.display(),
+                state.trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Kills everything left in the cgroups (thawing first, since a frozen task cannot die), then
+/// removes the directories, deepest first. Bounded by `timeout`.
+pub fn remove(cg: &SandboxCgroups, timeout: Duration) -> Result<(), CgroupError> {
+    if !cg.freezer.as_os_str().is_empty() && cg.freezer.exists() {
+        let _ = match cg.layout {
+            Layout::V1 => std::fs::write(cg.freezer.join("freezer.state"), "THAWED"),
+            Layout::V2 => std::fs::write(cg.freezer.join("cgroup.freeze"), "0"),
+        };
+    }
+    let deadline = Instant::now() + timeout;
+    for dir in &cg.dirs {
+        loop {
+            let pids = members(dir);
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) with a pid read from the sandbox's own cgroup; a pid that
+                // already exited gets ESRCH.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::Timeout(format!(
+                    "processes remain in {} after {timeout:?}",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        remove_tree(dir, deadline)?;
+    }
+    Ok(())
+}
+
+fn remove_tree(dir: &Path, deadline: Instant) -> Result<(), CgroupError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path(), deadline)?;
+            }
+        }
+    }
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // EBUSY while the last tasks finish exiting.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(io("rmdir", dir)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v1_and_v2_on_fake_trees() {
+        let d = std::env::temp_dir().join(format!("airlockd-cg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        for c in ["memory", "cpu", "pids", "freezer"] {
+            std::fs::create_dir_all(d.join("v1").join(c)).unwrap();
+            std::fs::write(d.join("v1").join(c).join("cgroup.procs"), "").unwrap();
+        }
+        assert_eq!(Hierarchy::detect(&d.join("v1")).unwrap().layout, Layout::V1);
+        std::fs::create_dir_all(d.join("v2")).unwrap();
+        std::fs::write(d.join("v2/cgroup.controllers"), "cpu memory pids").unwrap();
+        assert_eq!(Hierarchy::detect(&d.join("v2")).unwrap().layout, Layout::V2);
+        std::fs::create_dir_all(d.join("none")).unwrap();
+        std::fs::write(d.join("none/cgroup.controllers"), "hugetlb").unwrap();
+        assert!(Hierarchy::detect(&d.join("none")).is_err());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

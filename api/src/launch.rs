@@ -1,0 +1,367 @@
+//! The namespace backend's launcher: `airlockd __launch SPEC` runs as a fresh, single-threaded
+//! process (so forking is safe), builds the sandbox and execs the agent as its PID 1:
+//!
+//! 1. joins the sandbox's cgroups, leaves the daemon's session (`setsid`);
+//! 2. `unshare`: mount, PID, UTS, IPC, cgroup and (network off) network namespaces;
+//! 3. forks: the child is PID 1 of the new PID namespace; the parent prints its host PID once
+//!    the child has exec'd the agent (or the child's error), and exits;
+//! 4. the child makes every mount private, mounts an overlay (template rootfs below, the
+//!    sandbox's own upper directory above) and inside it: a fresh /proc, a /dev tmpfs with a
+//!    few device nodes bound in and its own devpts, a read-only /sys tmpfs holding only the
+//!    sandbox's own cgroup directories, a /tmp tmpfs, and /run/airlock (the agent's socket
+//!    directory, shared with the host);
+//! 5. `pivot_root` into it and detaches the old root;
+//! 6. sets the hostname, drops every capability outside a short list from the bounding set,
+//!    sets `no_new_privs`, installs the seccomp filter (`seccomp.rs`);
+//! 7. execs the agent with an empty environment.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::unistd::{fork, ForkResult};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub id: String,
+    pub hostname: String,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    /// Host directory mounted at /run/airlock (the agent's socket).
+    pub run_dir: PathBuf,
+    /// The agent's stdout/stderr.
+    pub log: PathBuf,
+    pub cgroup_procs: Vec<PathBuf>,
+    /// (name under /sys/fs/cgroup, host directory); an empty name is /sys/fs/cgroup itself.
+    pub cgroup_mounts: Vec<(String, PathBuf)>,
+    /// true: share the host's network namespace; false: a new one with only `lo`.
+    pub host_network: bool,
+    /// The agent's path inside the sandbox, and its arguments (argv[1..]).
+    pub agent_path: String,
+    pub agent_args: Vec<String>,
+    pub tmp_size_mib: u64,
+}
+
+/// Capabilities the agent keeps (everything else leaves the bounding set). CAP_SYS_ADMIN,
+/// CAP_SYS_TIME, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_MKNOD, CAP_SYS_PTRACE, CAP_BPF, ... are gone.
+const KEPT_CAPS: &[u32] = &[
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    2,  // DAC_READ_SEARCH
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    18, // SYS_CHROOT
+    22, // SYS_BOOT (reboot(2) in a PID namespace only ends that namespace)
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+/// Kept only with a network namespace of the sandbox's own.
+const OWN_NETNS_CAPS: &[u32] = &[12 /* NET_ADMIN */, 13 /* NET_RAW */];
+
+fn err<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{step}: {e}")
+}
+
+/// The launcher's main: prints the sandbox's host PID on stdout and returns 0, or prints the
+/// error on stderr and returns 1.
+pub fn main(spec_json: &str) -> i32 {
+    let spec: LaunchSpec = match serde_json::from_str(spec_json) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("airlockd launcher: bad spec: {e}");
+            return 1;
+        }
+    };
+    match launch(&spec) {
+        Ok(pid) => {
+            println!("{pid}");
+            0
+        }
+        Err(e) => {
+            eprintln!("airlockd launcher: {e}");
+            1
+        }
+    }
+}
+
+fn launch(spec: &LaunchSpec) -> Result<i32, String> {
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
+    }
+    nix::unistd::setsid().map_err(err("setsid"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP;
+    if !spec.host_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(err("unshare"))?;
+    // The child reports a failure before exec through this pipe; a successful exec closes it.
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(err("pipe"))?;
+    // SAFETY: this process is single-threaded (the launcher runs nothing else), so the child
+    // may do anything until it execs.
+    match unsafe { fork() }.map_err(err("fork"))? {
+        ForkResult::Child => {
+            drop(read_end);
+            let e = child(spec);
+            let mut f = std::fs::File::from(write_end);
+            let _ = f.write_all(e.as_bytes());
+            // SAFETY: _exit ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(write_end);
+            let mut message = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut message);
+            if !message.is_empty() {
+                let _ = nix::sys::wait::waitpid(child, None);
+                return Err(message);
+            }
+            Ok(child.as_raw())
+        }
+    }
+}
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} holds a NUL"))
+}
+
+fn mnt(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(source, target, fstype, flags, data).map_err(|e| {
+        format!(
+            "mounting {} on {}: {e}",
+            source.or(fstype).unwrap_or("?"),
+            target.display()
+        )
+    })
+}
+
+fn bind(from: &Path, to: &Path) -> Result<(), String> {
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| format!("binding {} on {}: {e}", from.display(), to.display()))
+}
+
+fn mkdirs(p: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
+}
+
+/// Runs in the child (PID 1 of the sandbox); returns only on failure.
+fn child(spec: &LaunchSpec) -> String {
+    match build_and_exec(spec) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String> {
+    let none = None::<&str>;
+    mnt(
+        none,
+        Path::new("/"),
+        none,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        none,
+    )?;
+    for p in [&spec.lower, &spec.upper, &spec.work] {
+        let s = p.to_string_lossy();
+        if s.contains(',') || s.contains(':') {
+            return Err(format!("{s:?}: overlay paths may not hold ',' or ':'"));
+        }
+    }
+    let overlay = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        spec.lower.display(),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    let root = &spec.merged;
+    mnt(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&overlay),
+    )?;
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for d in ["proc", "dev", "sys", "tmp", "run/airlock"] {
+        mkdirs(&root.join(d))?;
+    }
+    mnt(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        nosuid_nodev_noexec,
+        none,
+    )?;
+
+    // /dev: a small tmpfs with the host's harmless nodes bound in, and a devpts of its own.
+    let dev = root.join("dev");
+    mnt(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=64k"),
+    )?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(node);
+        std::fs::File::create(&target)
+            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        bind(&Path::new("/dev").join(node), &target)?;
+    }
+    mkdirs(&dev.join("pts"))?;
+    mnt(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mkdirs(&dev.join("shm"))?;
+    mnt(
+        Some("tmpfs"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        nosuid_nodev_noexec,
+        Some("mode=1777,size=64m"),
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link)).map_err(err("symlink in /dev"))?;
+    }
+
+    // /sys: only the sandbox's own cgroups, read-only apart from them.
+    let sys = root.join("sys");
+    mnt(
+        Some("tmpfs"),
+        &sys,
+        Some("tmpfs"),
+        nosuid_nodev_noexec,
+        Some("mode=755,size=16k"),
+    )?;
+    let cgroot = sys.join("fs/cgroup");
+    mkdirs(&cgroot)?;
+    mnt(
+        Some("tmpfs"),
+        &cgroot,
+        Some("tmpfs"),
+        nosuid_nodev_noexec,
+        Some("mode=755,size=16k"),
+    )?;
+    for (name, host) in &spec.cgroup_mounts {
+        let target = if name.is_empty() {
+            cgroot.clone()
+        } else {
+            cgroot.join(name)
+        };
+        mkdirs(&target)?;
+        bind(host, &target)?;
+    }
+    let ro = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid_nodev_noexec;
+    if spec.cgroup_mounts.iter().all(|(n, _)| !n.is_empty()) {
+        mnt(none, &cgroot, none, ro, none)?;
+    }
+    mnt(none, &sys, none, ro, none)?;
+
+    let tmp_opts = format!("mode=1777,size={}m", spec.tmp_size_mib.max(1));
+    mnt(
+        Some("tmpfs"),
+        &root.join("tmp"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&tmp_opts),
+    )?;
+    bind(&spec.run_dir, &root.join("run/airlock"))?;
+
+    // Standard I/O: the log for output, /dev/null for input.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(|e| format!("opening {}: {e}", spec.log.display()))?;
+    let null = std::fs::File::open("/dev/null").map_err(err("opening /dev/null"))?;
+    // SAFETY: dup2 onto the standard descriptors from descriptors this function owns.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(log.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+    }
+    drop((log, null));
+
+    std::env::set_current_dir(root).map_err(err("chdir to the new root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root"))?;
+    std::env::set_current_dir("/").map_err(err("chdir /"))?;
+    nix::unistd::sethostname(&spec.hostname).map_err(err("sethostname"))?;
+
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only marks descriptors close-on-exec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            4u32, /* CLOSE_RANGE_CLOEXEC */
+        );
+    }
+    drop_capabilities(!spec.host_network)?;
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    crate::seccomp::install().map_err(err("installing the seccomp filter"))?;
+
+    let path = cstr(&spec.agent_path)?;
+    let mut argv = vec![cstr("airlock-agent")?];
+    for a in &spec.agent_args {
+        argv.push(cstr(a)?);
+    }
+    let env = [cstr(
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    )?];
+    let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
+    Err(format!("exec {}: {e}", spec.agent_path))
+}
+
+fn drop_capabilities(own_netns: bool) -> Result<(), String> {
+    for cap in 0..64u32 {
+        if KEPT_CAPS.contains(&cap) || (own_netns && OWN_NETNS_CAPS.contains(&cap)) {
+            continue;
+        }
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes no pointers.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break; // past the last capability this kernel knows
+            }
+            return Err(format!("dropping capability {cap}: {e}"));
+        }
+    }
+    Ok(())
+}
