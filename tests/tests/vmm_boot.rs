@@ -262,3 +262,70 @@ fn initrd_is_loaded_beside_the_kernel() {
     assert_probe_ok(&mut vmm, "boot");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn pci_bus_with_test_device_is_enumerated_through_cf8_and_ecam() {
+    let kernel = test_guest("elf");
+    for vcpus in [1, 2] {
+        let dir = scratch_dir("pci");
+        let config = dir.join("vm.json");
+        std::fs::write(
+            &config,
+            guest_config(&kernel, "console=ttyS0 probe=pci", vcpus, 64),
+        )
+        .unwrap();
+        let mut vmm = VmmProcess::spawn(&[
+            "--no-api",
+            "--pci-test-device",
+            "--config-file",
+            config.to_str().unwrap(),
+        ]);
+        assert_probe_ok(&mut vmm, "pci");
+        // With a PCI bus (and its ACPI tables and reserved ECAM) the boot checks still hold.
+        std::fs::write(
+            &config,
+            guest_config(&kernel, &boot_args("boot", vcpus, 64), vcpus, 64),
+        )
+        .unwrap();
+        let mut vmm = VmmProcess::spawn(&[
+            "--no-api",
+            "--pci-test-device",
+            "--config-file",
+            config.to_str().unwrap(),
+        ]);
+        assert_probe_ok(&mut vmm, "boot");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    // Through the API: the VM is built on the API thread, under its seccomp filter.
+    let dir = scratch_dir("pci-api");
+    let sock = dir.join("api.sock");
+    let mut vmm = VmmProcess::spawn(&["--api-sock", sock.to_str().unwrap(), "--pci-test-device"]);
+    let boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": "probe=pci"});
+    for (path, body) in [
+        ("/boot-source", boot.to_string()),
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#.to_string(),
+        ),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ] {
+        let (status, reply) = api_request(&sock, "PUT", path, Some(&body));
+        assert_eq!(status, 204, "PUT {path}: {reply}");
+    }
+    assert_probe_ok(&mut vmm, "pci");
+    // Without the bus the scenario says what is missing.
+    let config = dir.join("vm.json");
+    std::fs::write(&config, guest_config(&kernel, "probe=pci", 1, 64)).unwrap();
+    let mut vmm = VmmProcess::spawn(&["--no-api", "--config-file", config.to_str().unwrap()]);
+    let (_, console, _) = vmm.finish(BOOT_TIMEOUT);
+    assert!(
+        console
+            .iter()
+            .any(|l| l == "PROBE FAIL pci: no ACPI RSDP in boot_params"),
+        "{console:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

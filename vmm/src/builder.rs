@@ -70,6 +70,8 @@ pub struct StartOptions {
     pub start_time: Instant,
     /// Print the guest-ready line (`--boot-timer`).
     pub report_boot_time: bool,
+    /// Put the emulated PCI test device on a PCI bus (`--pci-test-device`, for the test guest).
+    pub pci_test_device: bool,
 }
 
 /// A running (or paused) VM. Dropping it does not stop the vCPU threads: the VMM process exits.
@@ -81,6 +83,8 @@ pub struct Vmm {
     i8042: Arc<Mutex<I8042>>,
     config: SnapshotConfig,
     virtio: Vec<VirtioSlot>,
+    /// The PCI root complex, present only with passed-through or test PCI devices.
+    pci: Option<crate::vfio::attach::PciSetup>,
     generation: u128,
     dirty_tracking: bool,
     paused: bool,
@@ -233,9 +237,28 @@ pub fn build_and_boot(
         Some(&mut cmdline),
     )
     .map_err(StartError::Device)?;
+    // No vCPU holds the port bus yet, so it can still take the PCI configuration ports.
+    let pio = Arc::get_mut(&mut devices.pio)
+        .ok_or_else(|| StartError::Device("the port bus is already shared".into()))?;
+    let pci = crate::vfio::attach::attach_pci(
+        &vm,
+        &memory.mem,
+        pio,
+        &mut devices.mmio,
+        &crate::vfio::attach::PciOptions {
+            passthrough: &config.device_passthrough,
+            test_device: opts.pci_test_device,
+            virtio_count: kinds.len(),
+        },
+    )
+    .map_err(StartError::Device)?;
     boot::write_boot_params(&memory.mem, mem_size, &cmdline, kernel.setup_header, initrd)?;
     write_boot_tables(&memory.mem)?;
     setup_mptable(&memory.mem, vcpu_count)?;
+    if let Some(p) = &pci {
+        crate::vfio::attach::write_pci_boot_tables(&memory.mem, p, vcpu_count)
+            .map_err(StartError::Device)?;
+    }
     let mmio = Arc::new(devices.mmio);
 
     let supported = vm.supported_cpuid()?;
@@ -273,6 +296,7 @@ pub fn build_and_boot(
             boot_args: boot_source.boot_args.clone(),
         },
         virtio,
+        pci,
         generation: devices.generation,
         dirty_tracking: machine.track_dirty_pages,
         paused: false,
@@ -464,6 +488,7 @@ pub fn restore_from_snapshot(
         i8042: devices.i8042,
         config: snap.config,
         virtio,
+        pci: None,
         generation: devices.generation,
         dirty_tracking,
         paused: !request.resume_vm,
@@ -521,6 +546,12 @@ impl Vmm {
     /// Writes the state file and the memory file. The VM must be paused; it stays paused.
     pub fn snapshot(&mut self, request: &CreateSnapshotRequest) -> Result<SnapshotReport, String> {
         let started = Instant::now();
+        if let Some(p) = self.pci.as_ref().filter(|p| p.has_passthrough()) {
+            return Err(crate::vfio::passthrough_refusal(
+                crate::vfio::RefusedOp::Snapshot,
+                &p.passthrough,
+            ));
+        }
         if !self.paused {
             return Err(
                 "snapshots are taken of a paused VM: send PATCH /vm {\"state\": \"Paused\"} first"

@@ -372,6 +372,13 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    /// Host PCI devices handed to the guest with VFIO (cold plug).
+    #[serde(
+        rename = "device-passthrough",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub device_passthrough: Vec<crate::vfio::DevicePassthroughConfig>,
 }
 
 impl VmConfig {
@@ -425,6 +432,10 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        for d in &self.device_passthrough {
+            d.validate()
+                .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
         }
         self.machine_config.validate()?;
         match &self.boot_source {

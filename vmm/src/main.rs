@@ -42,6 +42,9 @@ struct Cli {
     /// own memory.
     #[arg(long)]
     boot_timer: bool,
+    /// Put an emulated PCI test device on a PCI bus (for the test guest's `pci` scenario).
+    #[arg(long)]
+    pci_test_device: bool,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -172,6 +175,7 @@ fn run_vmm(cli: Cli, start_time: Instant) -> ExitCode {
     let opts = StartOptions {
         start_time,
         report_boot_time: cli.boot_timer,
+        pci_test_device: cli.pci_test_device,
     };
     let controller = Arc::new(Mutex::new(Controller::new(cli.id, config, opts, exit_tx)));
     let socket = cli.api_sock.clone();

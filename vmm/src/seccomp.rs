@@ -554,6 +554,33 @@ mod tests {
             ),
             ("FIONBIO", 0x5421),
             (
+                "KVM_SET_GSI_ROUTING",
+                ioc(iow, k, 0x6a, size_of::<kvm_irq_routing>()),
+            ),
+            (
+                "KVM_CREATE_DEVICE",
+                ioc(iowr, k, 0xe0, size_of::<kvm_create_device>()),
+            ),
+            (
+                "KVM_SET_DEVICE_ATTR",
+                ioc(iow, k, 0xe1, size_of::<kvm_device_attr>()),
+            ),
+            // VFIO: _IO(';', 100 + n).
+            ("VFIO_GET_API_VERSION", 0x3b64),
+            ("VFIO_CHECK_EXTENSION", 0x3b65),
+            ("VFIO_SET_IOMMU", 0x3b66),
+            ("VFIO_GROUP_GET_STATUS", 0x3b67),
+            ("VFIO_GROUP_SET_CONTAINER", 0x3b68),
+            ("VFIO_GROUP_UNSET_CONTAINER", 0x3b69),
+            ("VFIO_GROUP_GET_DEVICE_FD", 0x3b6a),
+            ("VFIO_DEVICE_GET_INFO", 0x3b6b),
+            ("VFIO_DEVICE_GET_REGION_INFO", 0x3b6c),
+            ("VFIO_DEVICE_GET_IRQ_INFO", 0x3b6d),
+            ("VFIO_DEVICE_SET_IRQS", 0x3b6e),
+            ("VFIO_DEVICE_RESET", 0x3b6f),
+            ("VFIO_IOMMU_MAP_DMA", 0x3b71),
+            ("VFIO_IOMMU_UNMAP_DMA", 0x3b72),
+            (
                 "KVM_CREATE_PIT2",
                 ioc(iow, k, 0x77, size_of::<kvm_pit_config>()),
             ),

@@ -228,6 +228,36 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb` (PCI configuration mechanism #1).
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`; reading CONFIG_DATA has no side effects.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// # Safety
+/// `addr` must be a mapped device register (or memory) that may be written.
+pub unsafe fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) };
+}
+
+/// # Safety
+/// `addr` must be a mapped device register (or memory) that may be read.
+pub unsafe fn mmio_read64(addr: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
 /// # Safety
 /// `addr` must be a mapped device register (or memory) that may be written.
 pub unsafe fn mmio_write32(addr: u64, value: u32) {

@@ -4,6 +4,7 @@ use crate::e820::{self, Entry};
 
 pub const ZERO_PAGE_SIZE: usize = 4096;
 
+const ACPI_RSDP_ADDR: usize = 0x070;
 const EXT_CMD_LINE_PTR: usize = 0x0c8;
 const E820_ENTRIES: usize = 0x1e8;
 const CMD_LINE_PTR: usize = 0x228;
@@ -24,6 +25,11 @@ fn u32_at(zp: &[u8], off: usize) -> u32 {
 /// Physical address of the command line (`cmd_line_ptr | ext_cmd_line_ptr << 32`).
 pub fn cmdline_ptr(zp: &[u8; ZERO_PAGE_SIZE]) -> u64 {
     u64::from(u32_at(zp, CMD_LINE_PTR)) | u64::from(u32_at(zp, EXT_CMD_LINE_PTR)) << 32
+}
+
+/// `acpi_rsdp_addr`: where the VMM put the ACPI RSDP (0: no ACPI tables).
+pub fn acpi_rsdp_addr(zp: &[u8; ZERO_PAGE_SIZE]) -> u64 {
+    u64::from_le_bytes(le(zp, ACPI_RSDP_ADDR))
 }
 
 pub fn cmdline_size(zp: &[u8; ZERO_PAGE_SIZE]) -> u32 {
@@ -57,6 +63,7 @@ mod tests {
         zp[EXT_CMD_LINE_PTR..EXT_CMD_LINE_PTR + 4].copy_from_slice(&1u32.to_le_bytes());
         zp[CMDLINE_SIZE..CMDLINE_SIZE + 4].copy_from_slice(&42u32.to_le_bytes());
         zp[E820_ENTRIES] = 2;
+        zp[ACPI_RSDP_ADDR..ACPI_RSDP_ADDR + 8].copy_from_slice(&0xe_0000u64.to_le_bytes());
         let entries: [(u64, u64, u32); 2] = [(0, 0x9fc00, 1), (0x100000, 0x3f00000, 1)];
         for (i, (a, s, t)) in entries.iter().enumerate() {
             let off = E820_TABLE + i * E820_ENTRY_SIZE;
@@ -66,6 +73,7 @@ mod tests {
         }
         assert_eq!(cmdline_ptr(&zp), 0x1_0002_0000);
         assert_eq!(cmdline_size(&zp), 42);
+        assert_eq!(acpi_rsdp_addr(&zp), 0xe_0000);
         let map = e820(&zp);
         assert_eq!(map.reported(), 2);
         assert_eq!(

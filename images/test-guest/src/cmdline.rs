@@ -57,6 +57,8 @@ pub enum Scenario {
     VirtioRng,
     VirtioVsock,
     VirtioNet,
+    /// PCI through ACPI MCFG, ECAM and ports 0xcf8/0xcfc, with the VMM's PCI test device.
+    Pci,
 }
 
 /// The command line up to its terminating NUL; `None` when `raw` holds no NUL.
@@ -130,6 +132,7 @@ pub fn parse_scenario(s: &[u8]) -> Option<Scenario> {
         b"virtio-rng" => Scenario::VirtioRng,
         b"virtio-vsock" => Scenario::VirtioVsock,
         b"virtio-net" => Scenario::VirtioNet,
+        b"pci" => Scenario::Pci,
         _ => {
             let mib = parse_u64(s.strip_prefix(b"mem:")?)?;
             // Reject 0 and sizes whose byte count would not fit in a u64.
@@ -215,6 +218,8 @@ mod tests {
         assert_eq!(parse_scenario(b"virtio-vsock"), Some(Scenario::VirtioVsock));
         assert_eq!(parse_scenario(b"virtio-net"), Some(Scenario::VirtioNet));
         assert_eq!(parse_scenario(b"virtio-console"), None);
+        assert_eq!(parse_scenario(b"pci"), Some(Scenario::Pci));
+        assert_eq!(parse_scenario(b"PCI"), None);
         assert_eq!(parse_scenario(b"mem:64"), Some(Scenario::Mem(64)));
         assert_eq!(parse_scenario(b"mem:0"), None);
         assert_eq!(parse_scenario(b"mem:"), None);

@@ -29,6 +29,8 @@ pub struct BootInfo {
     pub args: Args<'static>,
     /// End of the identity map (a multiple of 1 GiB).
     pub mapped_top: u64,
+    /// `boot_params.acpi_rsdp_addr` (0 when the VMM wrote no ACPI tables).
+    pub acpi_rsdp_addr: u64,
 }
 
 #[repr(C, align(4096))]
@@ -120,6 +122,7 @@ pub extern "C" fn kmain(boot_params: u64) -> ! {
         cmdline_terminated,
         args,
         mapped_top,
+        acpi_rsdp_addr: bootparams::acpi_rsdp_addr(zp),
     };
     if let Some(e) = args.error {
         finish(Err(text!("{e}")));

@@ -20,6 +20,7 @@ mod kbd;
 mod memtest;
 mod mptable;
 mod paging;
+mod pci;
 mod virtio;
 mod virtio_blk;
 mod virtio_net;
@@ -31,6 +32,8 @@ mod arch;
 mod console;
 #[cfg(target_os = "none")]
 mod kernel;
+#[cfg(target_os = "none")]
+mod pci_scenario;
 #[cfg(target_os = "none")]
 mod scenario;
 #[cfg(target_os = "none")]

@@ -10,6 +10,7 @@ use crate::kbd::CtrlAltDel;
 use crate::kernel::BootInfo;
 use crate::memtest;
 use crate::mptable::{self, MpInfo};
+use crate::pci_scenario;
 use crate::smp::{self, ApWork};
 use crate::virtio_scenarios;
 use crate::{say, text};
@@ -27,6 +28,7 @@ pub fn run(s: Scenario, info: &BootInfo) -> Result<(), LineBuf> {
         Scenario::VirtioRng => virtio_scenarios::rng(info),
         Scenario::VirtioVsock => virtio_scenarios::vsock(info),
         Scenario::VirtioNet => virtio_scenarios::net(info),
+        Scenario::Pci => pci_scenario::run(info),
     }
 }
 

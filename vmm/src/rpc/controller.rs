@@ -73,6 +73,7 @@ pub enum ApiRequest {
     PutNetworkInterface(String, NetworkInterfaceConfig),
     PutVsock(VsockConfig),
     PutEntropy(EntropyConfig),
+    PutDevicePassthrough(String, crate::vfio::DevicePassthroughConfig),
     /// A Firecracker endpoint airlock-vmm does not offer (e.g. hot updates of devices).
     NotSupported(String),
 }
@@ -106,6 +107,9 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiErro
         }
         ("PUT", ["vsock"]) => ApiRequest::PutVsock(parse_body(body, &what)?),
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(parse_body(body, &what)?),
+        ("PUT", ["device-passthrough", id]) => {
+            ApiRequest::PutDevicePassthrough(id.to_string(), parse_body(body, &what)?)
+        }
         ("PATCH", ["drives" | "network-interfaces", _]) => ApiRequest::NotSupported(format!(
             "{method} {path}: devices cannot be changed while the VM runs in airlock-vmm"
         )),
@@ -240,6 +244,12 @@ impl Controller {
                 if self.config.boot_source.is_some() {
                     return Err(ApiError(LOAD_AFTER_CONFIG.into()));
                 }
+                if !self.config.device_passthrough.is_empty() {
+                    return Err(ApiError(crate::vfio::passthrough_refusal(
+                        crate::vfio::RefusedOp::LoadSnapshotWithPassthrough,
+                        &[],
+                    )));
+                }
                 let vmm = restore_from_snapshot(
                     &request,
                     &self.config,
@@ -313,6 +323,19 @@ impl Controller {
                 self.config.entropy = Some(entropy);
                 Ok(NoContent)
             }
+            ApiRequest::PutDevicePassthrough(id, device) => {
+                self.before_start()?;
+                if id != device.id {
+                    return Err(ApiError(format!(
+                        "the id {:?} in the body does not match {id:?} in the path",
+                        device.id
+                    )));
+                }
+                device.validate()?;
+                self.config.device_passthrough.retain(|d| d.id != id);
+                self.config.device_passthrough.push(device);
+                Ok(NoContent)
+            }
             ApiRequest::NotSupported(message) => Err(ApiError(message)),
         }
     }
@@ -328,6 +351,7 @@ mod tests {
         let opts = StartOptions {
             start_time: Instant::now(),
             report_boot_time: false,
+            pci_test_device: false,
         };
         Controller::new("test".into(), VmConfig::default(), opts, tx)
     }
@@ -519,6 +543,40 @@ mod tests {
         // Nothing a refused request carried was applied.
         assert_eq!(c.config.machine_config, MachineConfig::default());
         assert!(c.config.boot_source.is_none());
+    }
+
+    #[test]
+    fn device_passthrough_is_checked_and_blocks_snapshot_load() {
+        let mut c = controller();
+        let err = call(
+            &mut c,
+            "PUT",
+            "/device-passthrough/gpu0",
+            r#"{"id": "gpu1", "host_address": "0000:41:00.0"}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("does not match \"gpu0\" in the path"), "{}", err.0);
+        let err = call(
+            &mut c,
+            "PUT",
+            "/device-passthrough/gpu0",
+            r#"{"id": "gpu0", "host_address": "not-an-address"}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("not-an-address"), "{}", err.0);
+        // A configured (but not yet checked against the host) device makes a snapshot load refuse.
+        c.config.device_passthrough.push(crate::vfio::DevicePassthroughConfig {
+            id: "gpu0".into(),
+            host_address: "0000:41:00.0".into(),
+        });
+        let err = call(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_file_path": "m"}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("passed-through PCI devices"), "{}", err.0);
     }
 
     #[test]
