@@ -11,12 +11,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 pub use airlock_agent::client::{bytes_body, empty_body, stream_body, RequestBody};
+use airlock_agent::client::{AgentClient, ClientError};
 use airlock_agent::protocol::{Event, EventKind};
 
 /// The agent's vsock port in the guest.
@@ -103,9 +102,23 @@ where
     }
 }
 
-/// One keep-alive HTTP/1.1 connection to an agent.
+/// One keep-alive HTTP/1.1 connection to an agent: the agent's own client, reached over its Unix
+/// socket or over a VMM's vsock socket after the `CONNECT` handshake.
 pub struct AgentConn {
-    sender: SendRequest<RequestBody>,
+    client: AgentClient,
+}
+
+impl From<ClientError> for AgentError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Http(e) => AgentError::Http(e),
+            ClientError::Status { status, body } => AgentError::Status {
+                status,
+                message: body,
+            },
+            other => AgentError::Protocol(other.to_string()),
+        }
+    }
 }
 
 impl AgentConn {
@@ -136,12 +149,9 @@ impl AgentConn {
                     message,
                 })?;
         }
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(AgentConn { sender })
+        Ok(AgentConn {
+            client: AgentClient::over_stream(stream).await?,
+        })
     }
 
     /// Sends a request; the response (any status) is the caller's.
@@ -151,14 +161,7 @@ impl AgentConn {
         target: &str,
         body: RequestBody,
     ) -> Result<http::Response<Incoming>, AgentError> {
-        self.sender.ready().await?;
-        let request = http::Request::builder()
-            .method(method)
-            .uri(target)
-            .header(http::header::HOST, "agent")
-            .body(body)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        Ok(self.sender.send_request(request).await?)
+        Ok(self.client.send(method, target, body).await?)
     }
 
     /// Sends a prepared request (custom headers).
@@ -166,8 +169,7 @@ impl AgentConn {
         &mut self,
         request: http::Request<RequestBody>,
     ) -> Result<http::Response<Incoming>, AgentError> {
-        self.sender.ready().await?;
-        Ok(self.sender.send_request(request).await?)
+        Ok(self.client.send_request(request).await?)
     }
 
     /// Sends a request and demands a 2xx; an error status becomes [`AgentError::Status`] with

@@ -59,12 +59,27 @@ impl AgentClient {
         let stream = tokio::net::UnixStream::connect(path)
             .await
             .map_err(ClientError::Connect)?;
+        Self::over_stream(stream).await
+    }
+
+    /// HTTP/1.1 over an already connected stream (e.g. a vsock Unix socket after its
+    /// `CONNECT` handshake).
+    pub async fn over_stream(stream: tokio::net::UnixStream) -> Result<AgentClient, ClientError> {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         Ok(AgentClient { sender })
+    }
+
+    /// Sends a prepared request (custom headers); the response body is left to the caller.
+    pub async fn send_request(
+        &mut self,
+        request: http::Request<RequestBody>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(request).await?)
     }
 
     /// Sends a request; the response body is left to the caller.
@@ -74,14 +89,13 @@ impl AgentClient {
         target: &str,
         body: RequestBody,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        self.sender.ready().await?;
         let request = http::Request::builder()
             .method(method)
             .uri(target)
             .header(http::header::HOST, "agent")
             .body(body)
             .map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(self.sender.send_request(request).await?)
+        self.send_request(request).await
     }
 
     /// A request with an optional JSON body; returns the status and the JSON answer.
