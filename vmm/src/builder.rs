@@ -260,6 +260,11 @@ pub fn build_and_boot(
             .map_err(StartError::Device)?;
     }
     let mmio = Arc::new(devices.mmio);
+    let seccomp_role = if pci.as_ref().is_some_and(|p| p.has_passthrough()) {
+        crate::seccomp::ThreadRole::VcpuPassthrough
+    } else {
+        crate::seccomp::ThreadRole::Vcpu
+    };
 
     let supported = vm.supported_cpuid()?;
     let topology = Topology::new(vcpu_count, machine.smt);
@@ -277,6 +282,7 @@ pub fn build_and_boot(
             pio: devices.pio.clone(),
             mmio: mmio.clone(),
             exit_tx: exit_tx.clone(),
+            seccomp_role,
         });
     }
     attach::start_event_loop(&virtio).map_err(StartError::Device)?;
@@ -475,6 +481,8 @@ pub fn restore_from_snapshot(
             pio: devices.pio.clone(),
             mmio: mmio.clone(),
             exit_tx: exit_tx.clone(),
+            // Snapshots of VMs with passed-through devices are refused, so restores never have one.
+            seccomp_role: crate::seccomp::ThreadRole::Vcpu,
         });
     }
     vm.restore_state(&snap.vm)?;

@@ -52,15 +52,19 @@ pub enum ThreadRole {
     Uffd,
     /// The virtio device event loop (`fc_devices`).
     Devices,
+    /// vCPU threads of a VM with a passed-through PCI device: `vcpu` plus what trapped BAR and
+    /// config accesses and guest MSI changes need. Other VMs never get it.
+    VcpuPassthrough,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 5] = [
+    pub const ALL: [ThreadRole; 6] = [
         ThreadRole::Main,
         ThreadRole::Api,
         ThreadRole::Vcpu,
         ThreadRole::Uffd,
         ThreadRole::Devices,
+        ThreadRole::VcpuPassthrough,
     ];
 
     /// The filter's name in the JSON file.
@@ -71,6 +75,7 @@ impl ThreadRole {
             ThreadRole::Vcpu => "vcpu",
             ThreadRole::Uffd => "uffd",
             ThreadRole::Devices => "devices",
+            ThreadRole::VcpuPassthrough => "vcpu_passthrough",
         }
     }
 }
@@ -107,6 +112,7 @@ impl Filters {
                 compiled::VCPU.to_vec(),
                 compiled::UFFD.to_vec(),
                 compiled::DEVICES.to_vec(),
+                compiled::VCPU_PASSTHROUGH.to_vec(),
             ],
         }
     }
@@ -473,6 +479,8 @@ mod tests {
             ("vcpu", "api"),
             ("uffd", "api"),
             ("devices", "api"),
+            ("vcpu", "vcpu_passthrough"),
+            ("vcpu_passthrough", "api"),
             ("api", "main"),
         ] {
             let (inner_rules, outer_rules) = (rules(&doc, inner), rules(&doc, outer));

@@ -555,7 +555,11 @@ mod tests {
             r#"{"id": "gpu1", "host_address": "0000:41:00.0"}"#,
         )
         .unwrap_err();
-        assert!(err.0.contains("does not match \"gpu0\" in the path"), "{}", err.0);
+        assert!(
+            err.0.contains("does not match \"gpu0\" in the path"),
+            "{}",
+            err.0
+        );
         let err = call(
             &mut c,
             "PUT",
@@ -565,10 +569,12 @@ mod tests {
         .unwrap_err();
         assert!(err.0.contains("not-an-address"), "{}", err.0);
         // A configured (but not yet checked against the host) device makes a snapshot load refuse.
-        c.config.device_passthrough.push(crate::vfio::DevicePassthroughConfig {
-            id: "gpu0".into(),
-            host_address: "0000:41:00.0".into(),
-        });
+        c.config
+            .device_passthrough
+            .push(crate::vfio::DevicePassthroughConfig {
+                id: "gpu0".into(),
+                host_address: "0000:41:00.0".into(),
+            });
         let err = call(
             &mut c,
             "PUT",

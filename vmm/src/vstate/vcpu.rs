@@ -170,6 +170,8 @@ pub struct VcpuRunner {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit_tx: Sender<VmExit>,
+    /// `Vcpu`, or `VcpuPassthrough` for a VM with a passed-through PCI device.
+    pub seccomp_role: crate::seccomp::ThreadRole,
 }
 
 /// Backoff for an application processor that KVM has not started yet (on some hosts KVM_RUN then
@@ -189,7 +191,7 @@ impl VcpuRunner {
             .name(format!("fc_vcpu {index}"))
             .stack_size(256 << 10)
             .spawn(move || {
-                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Vcpu) {
+                if let Err(e) = crate::seccomp::apply(self.seccomp_role) {
                     let _ = self.exit_tx.send(VmExit::Error(e.to_string()));
                     return;
                 }
