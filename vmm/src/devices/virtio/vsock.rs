@@ -340,10 +340,9 @@ impl Vsock {
                 let backlog = !c.to_host.is_empty();
                 let stale = c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4;
                 if backlog {
-                    let stream = c.stream.try_clone();
-                    if let Ok(s) = stream {
-                        Self::watch(ops, &s, true);
-                    }
+                    // Watch this connection's own fd for room: a clone would be a different fd,
+                    // closed (and dropped from epoll) as soon as it went out of scope.
+                    Self::watch(ops, &c.stream, true);
                 }
                 if stale {
                     self.reply(key, OP_CREDIT_UPDATE, 0);
@@ -418,30 +417,19 @@ impl Vsock {
         'buffers: loop {
             // Pick what to send before taking a buffer, so no buffer is taken for nothing.
             let next = if let Some(h) = self.control.front().copied() {
-                Some((h, 0usize, None))
+                Some((h, None))
             } else {
-                let mut found = None;
-                for (key, c) in self.conns.iter_mut() {
-                    if c.state != ConnState::Established || !c.readable {
-                        continue;
-                    }
-                    let credit = c.peer_credit() as usize;
-                    if c.host_eof {
-                        continue;
-                    }
-                    if credit == 0 {
-                        continue;
-                    }
-                    found = Some(*key);
-                    let _ = credit;
-                    break;
-                }
-                match found {
-                    Some(key) => Some((header(key.0, self.guest_cid, key.1, OP_RW), 0, Some(key))),
-                    None => None,
-                }
+                self.conns
+                    .iter()
+                    .find(|(_, c)| {
+                        c.state == ConnState::Established
+                            && c.readable
+                            && !c.host_eof
+                            && c.peer_credit() > 0
+                    })
+                    .map(|(key, _)| (header(key.0, self.guest_cid, key.1, OP_RW), Some(*key)))
             };
-            let Some((mut h, _, key)) = next else {
+            let Some((mut h, key)) = next else {
                 break;
             };
             let Some(chain) = active.queues[RX].pop_descriptor_chain(&mem) else {
@@ -611,13 +599,10 @@ impl Vsock {
                 return self.process_rx(ops);
             }
             if c.to_host.is_empty() {
-                let stream = c.stream.try_clone();
-                if let Ok(s) = stream {
-                    let _ = ops.modify(Events::new(
-                        &s,
-                        EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
-                    ));
-                }
+                let _ = ops.modify(Events::new(
+                    &c.stream,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
+                ));
                 self.reply(key, OP_CREDIT_UPDATE, 0);
             }
         }
