@@ -52,7 +52,8 @@ pub struct JailArgs {
     /// with v1, `memory.max=536870912` with v2). Repeatable.
     #[arg(long = "cgroup", value_name = "KEY=VALUE")]
     pub cgroups: Vec<String>,
-    /// `fsize=<bytes>` or `no-file=<count>`. Repeatable. no-file defaults to 2048.
+    /// `fsize=<bytes>`, `no-file=<count>` or `memlock=<bytes>`. Repeatable. no-file defaults to
+    /// 2048; memlock is raised as far as allowed when a VFIO device or group is given.
     #[arg(long = "resource-limit", value_name = "RESOURCE=VALUE")]
     pub resource_limits: Vec<String>,
     /// Run the VMM as PID 1 of a new PID namespace: it sees no host process.
@@ -65,6 +66,13 @@ pub struct JailArgs {
     /// A VFIO group to pass through (creates /dev/vfio/vfio and /dev/vfio/<group>). Repeatable.
     #[arg(long = "vfio-group", value_name = "GROUP")]
     pub vfio_groups: Vec<u32>,
+    /// A PCI device to pass through, as `lspci -D` names it (0000:41:00.0): its IOMMU group's
+    /// nodes go in /dev/vfio and its sysfs links in /sys of the chroot. Repeatable.
+    #[arg(long = "vfio-device", value_name = "ADDRESS")]
+    pub vfio_devices: Vec<String>,
+    /// Where sysfs is, instead of /sys. For tests.
+    #[arg(long, value_name = "DIR", hide = true, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
     /// The VMM's own arguments, after `--`.
     #[arg(last = true, value_name = "VMM ARGS")]
     pub exec_args: Vec<OsString>,
@@ -132,6 +140,8 @@ pub struct JailConfig {
     pub new_pid_ns: bool,
     pub daemonize: bool,
     pub vfio_groups: Vec<u32>,
+    pub vfio_devices: Vec<String>,
+    pub sysfs_root: PathBuf,
     pub exec_args: Vec<OsString>,
 }
 
@@ -147,6 +157,7 @@ pub struct CgroupSetting {
 pub enum ResourceLimit {
     Fsize(u64),
     NoFile(u64),
+    Memlock(u64),
 }
 
 /// Letters, digits and `-`, 1 to 64 characters (Firecracker's rule).
@@ -198,7 +209,7 @@ pub fn parse_cgroup(arg: &str) -> Result<CgroupSetting, JailerError> {
     })
 }
 
-/// `fsize=<bytes>` or `no-file=<count>`.
+/// `fsize=<bytes>`, `no-file=<count>` or `memlock=<bytes>`.
 pub fn parse_rlimit(arg: &str) -> Result<ResourceLimit, JailerError> {
     let bad = |reason: String| JailerError::InvalidResourceLimit {
         arg: arg.to_string(),
@@ -206,15 +217,16 @@ pub fn parse_rlimit(arg: &str) -> Result<ResourceLimit, JailerError> {
     };
     let (name, value) = arg
         .split_once('=')
-        .ok_or_else(|| bad("expected fsize=N or no-file=N".into()))?;
+        .ok_or_else(|| bad("expected fsize=N, no-file=N or memlock=N".into()))?;
     let value: u64 = value
         .parse()
         .map_err(|_| bad(format!("{value:?} is not a non-negative integer")))?;
     match name {
         "fsize" => Ok(ResourceLimit::Fsize(value)),
         "no-file" => Ok(ResourceLimit::NoFile(value)),
+        "memlock" => Ok(ResourceLimit::Memlock(value)),
         other => Err(bad(format!(
-            "unknown resource {other:?}; known: fsize, no-file"
+            "unknown resource {other:?}; known: fsize, no-file, memlock"
         ))),
     }
 }
@@ -265,6 +277,9 @@ impl JailArgs {
             .iter()
             .map(|c| parse_cgroup(c))
             .collect::<Result<Vec<_>, _>>()?;
+        for addr in &self.vfio_devices {
+            crate::vfio::validate_address(addr)?;
+        }
         let rlimits = self
             .resource_limits
             .iter()
@@ -286,6 +301,8 @@ impl JailArgs {
             new_pid_ns: self.new_pid_ns,
             daemonize: self.daemonize,
             vfio_groups: self.vfio_groups,
+            vfio_devices: self.vfio_devices,
+            sysfs_root: self.sysfs_root,
             exec_args: self.exec_args,
         })
     }
@@ -380,6 +397,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown resource"));
+        assert_eq!(
+            parse_rlimit("memlock=4294967296").unwrap(),
+            ResourceLimit::Memlock(4 << 30)
+        );
         assert!(parse_rlimit("fsize=-1").is_err());
         assert!(parse_rlimit("fsize").is_err());
         assert_eq!(
@@ -390,6 +411,26 @@ mod tests {
             effective_rlimits(&[ResourceLimit::NoFile(10), ResourceLimit::Fsize(5)]),
             vec![ResourceLimit::NoFile(10), ResourceLimit::Fsize(5)]
         );
+        for bad in ["--vfio-device=41:00.0", "--vfio-device=0000:41:00.0/../x"] {
+            let args = [
+                "--id",
+                "vm1",
+                "--exec-file",
+                "/bin/true",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+                bad,
+            ];
+            let err = parse(&args)
+                .unwrap()
+                .jail
+                .into_config()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("dddd:bb:dd.f"), "{err}");
+        }
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub enum JailerError {
         "invalid --parent-cgroup {0:?}: give a relative cgroup path without `.` or `..` components"
     )]
     InvalidParentCgroup(String),
+    #[error("invalid --vfio-device {0:?}: give the PCI address as sysfs names it, dddd:bb:dd.f (e.g. 0000:41:00.0, from `lspci -D`)")]
+    InvalidVfioDevice(String),
+    #[error("--vfio-device {addr}: {reason}")]
+    VfioDevice { addr: String, reason: String },
     #[error("exec file {path}: {reason}")]
     ExecFile { path: PathBuf, reason: String },
     #[error("cannot close inherited file descriptors: {0}")]
@@ -29,7 +33,7 @@ pub enum JailerError {
         to: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot set the {resource} resource limit to {value}: {source}")]
+    #[error("cannot set the {resource} resource limit to {value}: {source} (raising a limit above its hard limit needs CAP_SYS_RESOURCE)")]
     Rlimit {
         resource: &'static str,
         value: u64,

@@ -98,6 +98,7 @@ pub fn run(tap: Option<&str>) -> ExitCode {
         "fds": fds,
         "nofile": rlimit(libc::RLIMIT_NOFILE as _),
         "fsize": rlimit(libc::RLIMIT_FSIZE as _),
+        "memlock": rlimit(libc::RLIMIT_MEMLOCK as _),
         "proc_visible": fs::metadata("/proc/self").is_ok(),
         "kvm": open_result("/dev/kvm"),
         "tun": open_result("/dev/net/tun"),

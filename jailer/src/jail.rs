@@ -76,6 +76,7 @@ pub fn set_rlimits(limits: &[ResourceLimit]) -> Result<(), JailerError> {
         let (resource, name, value) = match *limit {
             ResourceLimit::Fsize(v) => (Resource::RLIMIT_FSIZE, "fsize", v),
             ResourceLimit::NoFile(v) => (Resource::RLIMIT_NOFILE, "no-file", v),
+            ResourceLimit::Memlock(v) => (Resource::RLIMIT_MEMLOCK, "memlock", v),
         };
         setrlimit(resource, value, value).map_err(|source| JailerError::Rlimit {
             resource: name,
@@ -84,6 +85,30 @@ pub fn set_rlimits(limits: &[ResourceLimit]) -> Result<(), JailerError> {
         })?;
     }
     Ok(())
+}
+
+/// With VFIO the VMM pins all guest memory for DMA, which counts against RLIMIT_MEMLOCK (a few MiB
+/// by default). Unless `--resource-limit memlock=` said otherwise, the limit is raised to
+/// unlimited (the cgroup memory limit still bounds the VM), or, without CAP_SYS_RESOURCE, to the
+/// hard limit; the warning says so, and the VMM names RLIMIT_MEMLOCK if DMA mapping then fails.
+pub fn raise_memlock_for_dma() -> Result<(), JailerError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    if setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok() {
+        return Ok(());
+    }
+    let fail = |source| JailerError::Sys {
+        step: "read the memlock resource limit",
+        source,
+    };
+    let (_, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).map_err(fail)?;
+    eprintln!(
+        "airlock-jailer: warning: cannot raise the memlock limit to unlimited for VFIO DMA (no CAP_SYS_RESOURCE); keeping {hard} bytes, so the guest's memory must fit in it (or pass --resource-limit memlock=N as a user allowed to)"
+    );
+    setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard).map_err(|source| JailerError::Rlimit {
+        resource: "memlock",
+        value: hard,
+        source,
+    })
 }
 
 /// A device node to create in the jail.

@@ -10,6 +10,7 @@ mod cli;
 mod error;
 mod inspect;
 mod jail;
+mod vfio;
 
 use std::ffi::OsString;
 use std::fs;
@@ -134,7 +135,12 @@ fn run_jail(cfg: JailConfig) -> Result<ExitCode, JailerError> {
         });
     }
     // Everything the jail process needs from the host is read now.
-    let devices = jail::device_plan(&cfg.vfio_groups)?;
+    let sysfs_view = vfio::plan_view(&cfg.sysfs_root, &cfg.vfio_devices)?;
+    let mut vfio_groups = cfg.vfio_groups.clone();
+    vfio_groups.extend(&sysfs_view.groups);
+    vfio_groups.sort_unstable();
+    vfio_groups.dedup();
+    let devices = jail::device_plan(&vfio_groups)?;
     let netns = cfg.netns.as_deref().map(jail::open_netns).transpose()?;
     let hierarchy = cgroup::discover(cfg.cgroup_version, cfg.cgroup_root.as_deref())?;
     let plan = cgroup::plan(&hierarchy, &cfg.parent_cgroup, &cfg.id, &cfg.cgroups)?;
@@ -149,8 +155,14 @@ fn run_jail(cfg: JailConfig) -> Result<ExitCode, JailerError> {
     };
     let prepared = (|| {
         check_memory_limit(&jail.cfg, &jail.root)?;
+        vfio::write_view(&jail.root, &sysfs_view)?;
         // 5. rlimits (inherited by the jail process and the VMM).
         jail::set_rlimits(&cli::effective_rlimits(&jail.cfg.rlimits))?;
+        let memlock_given =
+            (jail.cfg.rlimits.iter()).any(|l| matches!(l, cli::ResourceLimit::Memlock(_)));
+        if !vfio_groups.is_empty() && !memlock_given {
+            jail::raise_memlock_for_dma()?;
+        }
         // 6. cgroups and limits.
         if let Some(plan) = &plan {
             plan.apply(&jail.cfg.id)?;

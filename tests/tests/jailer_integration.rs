@@ -386,6 +386,8 @@ fn jail_seen_from_inside() {
         "no-file=64",
         "--resource-limit",
         "fsize=1048576",
+        "--resource-limit",
+        "memlock=65536",
         "--",
         "inspect",
         "--tap",
@@ -418,6 +420,7 @@ fn jail_seen_from_inside() {
     assert_eq!(report["fds"], serde_json::json!([0, 1, 2]));
     assert_eq!(report["nofile"], 64);
     assert_eq!(report["fsize"], 1048576);
+    assert_eq!(report["memlock"], 65536);
     assert_eq!(report["proc_visible"], false);
     assert_eq!(report["kvm"], "ok", "/dev/kvm as the jailed user: {report}");
     assert_eq!(report["tun"], "ok");
@@ -454,7 +457,39 @@ fn bad_input_is_refused_clearly_and_creates_nothing() {
         a
     };
     let long_id = "a".repeat(65);
+    // A host sysfs with one device in an IOMMU group and one without (IOMMU off for it).
+    let sys = base.join("sys");
+    for (addr, group) in [("0000:41:00.0", Some(4242)), ("0000:42:00.0", None)] {
+        let dev = sys.join("bus/pci/devices").join(addr);
+        std::fs::create_dir_all(&dev).unwrap();
+        if let Some(g) = group {
+            let gdir = sys.join(format!("kernel/iommu_groups/{g}/devices"));
+            std::fs::create_dir_all(&gdir).unwrap();
+            std::os::unix::fs::symlink(&dev, gdir.join(addr)).unwrap();
+            std::os::unix::fs::symlink(gdir.parent().unwrap(), dev.join("iommu_group")).unwrap();
+        }
+    }
+    let sysfs = ["--sysfs-root", sys.to_str().unwrap()];
+    let vfio = |addr: &str| {
+        let mut a = sysfs.to_vec();
+        a.extend(["--vfio-device", addr]);
+        with("vm", &vmm, &base, &a)
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vfio("41:00.0"),
+            "invalid --vfio-device \"41:00.0\": give the PCI address as sysfs names it",
+        ),
+        (
+            vfio("0000:43:00.0"),
+            "--vfio-device 0000:43:00.0: no such PCI device",
+        ),
+        (
+            vfio("0000:42:00.0"),
+            "--vfio-device 0000:42:00.0: it has no IOMMU group",
+        ),
+        // The group is found; this host has no VFIO nodes to give the jail.
+        (vfio("0000:41:00.0"), "the host has no VFIO"),
         (with("bad/id", &vmm, &base, &[]), "invalid VM id \"bad/id\""),
         (
             with("vm_1", &vmm, &base, &[]),

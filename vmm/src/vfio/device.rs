@@ -631,7 +631,7 @@ mod tests {
 
     use super::super::backend::fake::FakeVfio;
     use super::*;
-    use crate::devices::pci::layout::PCI_MMIO64_MIN_START;
+    use crate::devices::pci::layout::{PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_MIN_START};
     use crate::devices::pci::msi::fake::RecordingRouter;
     use crate::devices::pci::msi::MSIX_CTRL_ENABLE;
 
@@ -946,6 +946,98 @@ mod tests {
                 assert_eq!(low, !(size as u32 - 1) & !0xf, "{id:#x} BAR{i}");
             }
         }
+    }
+
+    /// A real GPU: NVIDIA Quadro P1000 (GP107GL, 10de:1cb1) as its owner dumped it under vfio-pci
+    /// (tests/data/pci/README.md says where from). 32-bit BAR0, two 64-bit prefetchable BARs, an
+    /// I/O BAR, a ROM, MSI enabled by the host, PCI Express, and a vendor capability at 0xb4 that
+    /// is not linked into the list.
+    const QUADRO_P1000: &[u8] = include_bytes!("../../../tests/data/pci/10de_1cb1_030000.bin");
+    const QUADRO_P1000_RES: &str =
+        include_str!("../../../tests/data/pci/10de_1cb1_030000.resource");
+
+    #[test]
+    fn a_gpu_config_space_is_virtualized() {
+        let bars = FakeVfio::bars_from_resource(QUADRO_P1000_RES);
+        assert_eq!(
+            bars,
+            vec![
+                (0, 16 << 20, true),
+                (1, 256 << 20, true),
+                (3, 32 << 20, true),
+                (5, 128, false)
+            ]
+        );
+        let Rig {
+            mut dev,
+            fake,
+            router,
+            slots,
+        } = rig(QUADRO_P1000, &bars, [1, 1, 0], Some(23));
+        assert_eq!(dev.read_config(0), 0x1cb1_10de);
+        assert_eq!(dev.read_config(2), 0x0300_00a1, "VGA controller, rev a1");
+        // The BARs are ours: window addresses, never the host's 0x383f_e000_0000.
+        let bar0 = dev.bar_address(0).unwrap();
+        assert!(
+            (PCI_MMIO32_START..PCI_MMIO32_END).contains(&bar0),
+            "{bar0:#x}"
+        );
+        assert_eq!(dev.read_config(4), bar0 as u32, "32-bit, not prefetchable");
+        for bar in [1, 3] {
+            let addr = dev.bar_address(bar).unwrap();
+            assert!(addr >= PCI_MMIO64_MIN_START, "BAR{bar} at {addr:#x}");
+            assert_eq!(
+                dev.read_config(4 + bar),
+                addr as u32 | 0xc,
+                "64-bit prefetchable"
+            );
+            assert_eq!(dev.read_config(5 + bar), (addr >> 32) as u32);
+        }
+        assert_eq!(dev.read_config(9) & 0x3, 0x1, "BAR5 is I/O");
+        // Sizing, as Linux does it: all ones, read back the size mask.
+        for (reg, want) in [
+            (4, 0xff00_0000u32),
+            (5, 0xf000_000c),
+            (6, u32::MAX),
+            (7, 0xfe00_000c),
+            (8, u32::MAX),
+            (9, 0xffff_ff81),
+        ] {
+            w32(&mut dev, reg * 4, u32::MAX);
+            assert_eq!(dev.read_config(reg), want, "BAR register {reg}");
+        }
+        w32(&mut dev, ROM_BAR, u32::MAX);
+        assert_eq!(dev.read_config(ROM_BAR / 4), 0, "the ROM is hidden");
+        // The guest's list: power management, MSI, PCI Express; MSI starts disabled though the
+        // host had it on (control 0x0081), and there is no MSI-X.
+        let space: Vec<u8> = (0..64)
+            .flat_map(|r| dev.read_config(r).to_le_bytes())
+            .collect();
+        let caps = capabilities(|o| space[o]);
+        assert_eq!(caps, vec![(0x01, 0x60), (CAP_ID_MSI, 0x68), (0x10, 0x78)]);
+        assert_eq!(dev.read_config(0x68 / 4), 0x0080_7805);
+        // Pin A on the GSI the VMM gave it; INTx armed at VFIO with a resample fd.
+        assert_eq!(dev.read_config(0x3c / 4) & 0xffff, 0x0117);
+        assert_eq!(*router.resample.lock().unwrap(), vec![23]);
+        assert_eq!(fake.state.lock().unwrap().irqs, vec![(0, 1)]);
+        // The driver enables MSI (64-bit address, no per-vector mask): INTx off, one vector routed.
+        w32(&mut dev, 0x6c, 0xfee0_1000);
+        w32(&mut dev, 0x70, 0);
+        dev.write_config(0x74, &0x41u16.to_le_bytes());
+        dev.write_config(0x6a, &1u16.to_le_bytes());
+        assert_eq!(
+            fake.state.lock().unwrap().irqs,
+            vec![(0, 1), (0, 0), (1, 1)]
+        );
+        let routes = router.routes.lock().unwrap();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes.values().next().unwrap().data, 0x41);
+        drop(routes);
+        // Memory decoding maps BAR0, BAR1 and BAR3 whole (no MSI-X table to trap).
+        dev.write_config(COMMAND, &(COMMAND_MEMORY | COMMAND_IO | 4).to_le_bytes());
+        let mut mapped: Vec<u64> = slots.mapped.lock().unwrap().values().map(|m| m.1).collect();
+        mapped.sort_unstable();
+        assert_eq!(mapped, vec![16 << 20, 32 << 20, 256 << 20]);
     }
 
     #[test]

@@ -324,6 +324,50 @@ mod tests {
         assert_eq!(ok.group, 12);
     }
 
+    /// Inside a jail, `/sys` is the view airlock-jailer writes for `--vfio-device`: plain
+    /// directories and relative links that dangle (only their last component is read).
+    #[test]
+    fn the_jailers_sysfs_view_gives_the_same_verdicts() {
+        use std::os::unix::fs::symlink;
+        let sys = FakeSys::new("jailview");
+        for (addr, driver) in [
+            ("0000:41:00.0", Some("vfio-pci")),
+            ("0000:41:00.1", Some("snd_hda_intel")),
+        ] {
+            let dir = sys.path().join("bus/pci/devices").join(addr);
+            std::fs::create_dir_all(&dir).unwrap();
+            symlink(
+                "../../../../kernel/iommu_groups/12",
+                dir.join("iommu_group"),
+            )
+            .unwrap();
+            if let Some(d) = driver {
+                symlink(
+                    format!("../../../../bus/pci/drivers/{d}"),
+                    dir.join("driver"),
+                )
+                .unwrap();
+            }
+            let members = sys.path().join("kernel/iommu_groups/12/devices");
+            std::fs::create_dir_all(&members).unwrap();
+            symlink(
+                format!("../../../../bus/pci/devices/{addr}"),
+                members.join(addr),
+            )
+            .unwrap();
+        }
+        let gpu = a("0000:41:00.0");
+        let m = check_device(sys.path(), &gpu, &[gpu])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("IOMMU group 12 with 0000:41:00.1 (driver snd_hda_intel)"),
+            "{m}"
+        );
+        let both = [gpu, a("0000:41:00.1")];
+        assert_eq!(check_device(sys.path(), &gpu, &both).unwrap().group, 12);
+    }
+
     #[test]
     fn unbound_siblings_are_fine_and_lists_are_checked_together() {
         let sys = FakeSys::new("list");
