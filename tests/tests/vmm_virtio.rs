@@ -312,6 +312,76 @@ fn net_frames_cross_a_real_tap() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A host end that stops reading, twice.
+/// 1. From the start, until the guest says it is stalled: its 1 MiB outgrew the socket buffer and
+///    the device's window (256 KiB), so the VMM holds a backlog. When the host reads again the
+///    backlog must flush on its own (no guest packet comes to push it) and the guest must hear
+///    it has credit.
+/// 2. With the last 256 KiB unread: the guest can finish (the socket plus the window hold it) and
+///    sends SHUTDOWN while the VMM still holds part of its data, which must still all arrive.
+#[test]
+fn vsock_backlog_flushes_when_the_host_reads_again() {
+    const BULK: usize = 1 << 20;
+    const HELD_AT_END: usize = 256 << 10;
+    let dir = scratch_dir("virtio-vsock-backlog");
+    let uds = dir.join("v.sock");
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let vsock = json!({"vsock": {"guest_cid": 3, "uds_path": uds}});
+    let mut vmm = run(
+        &dir,
+        &config(
+            &format!(
+                "probe=virtio-vsock vsock_port=5000 vsock_bulk_kib={}",
+                BULK >> 10
+            ),
+            vsock,
+        ),
+    );
+    let console = vmm.console.clone();
+    let guest_said = move |prefix: &str| {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if (console.lock().unwrap().iter()).any(|l| l.starts_with(prefix)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    let host = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut ping = [0u8; 15];
+        s.read_exact(&mut ping).unwrap();
+        s.write_all(&ping).unwrap();
+        let stalled = guest_said("VSOCK stalled");
+        let mut data = vec![0u8; BULK - HELD_AT_END];
+        s.read_exact(&mut data).unwrap();
+        let finished_while_held = guest_said("VSOCK bulk sent");
+        s.read_to_end(&mut data).unwrap();
+        (stalled, finished_while_held, data)
+    });
+    let (stalled, finished_while_held, data) = host.join().unwrap();
+    let console = finish_ok(&mut vmm, "virtio-vsock");
+    assert!(
+        stalled,
+        "the guest never ran out of credit sending 1 MiB to a host that was not reading: {console:?}"
+    );
+    assert!(
+        finished_while_held,
+        "the guest could not finish with {HELD_AT_END} bytes unread: {console:?}"
+    );
+    assert_eq!(data.len(), BULK, "bytes the host got");
+    if let Some(i) = (0..data.len()).find(|&i| data[i] != (i % 251) as u8) {
+        panic!(
+            "byte {i} of the bulk transfer is {:#x}, not {:#x}",
+            data[i],
+            i % 251
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn devices_survive_a_snapshot_and_vsock_can_be_renamed() {
     let dir = scratch_dir("virtio-snap");

@@ -21,6 +21,9 @@ pub struct Args<'a> {
     /// `virtio-vsock`: host port to connect to, guest port to accept a connection on.
     pub vsock_port: Option<u64>,
     pub vsock_listen: Option<u64>,
+    /// `virtio-vsock`: after the echo, send this many KiB of a pattern on the connection to
+    /// `vsock_port` (more than the host buffers while its reader pauses).
+    pub vsock_bulk_kib: Option<u64>,
     /// The first malformed value. Parsing goes on so `probe` is known for the report.
     pub error: Option<ArgError<'a>>,
 }
@@ -106,6 +109,7 @@ pub fn parse(line: &[u8]) -> Args<'_> {
             b"blk_ro" => (&mut args.blk_ro, "blk_ro"),
             b"vsock_port" => (&mut args.vsock_port, "vsock_port"),
             b"vsock_listen" => (&mut args.vsock_listen, "vsock_listen"),
+            b"vsock_bulk_kib" => (&mut args.vsock_bulk_kib, "vsock_bulk_kib"),
             _ => continue,
         };
         match parse_u64(value) {
@@ -158,7 +162,7 @@ mod tests {
         assert_eq!(parse(b"probe=spin fill_mib=3").fill_mib, Some(3));
         let a = parse(
             b"probe=virtio-blk blk_read=16 blk_write=4 blk_ro=1 \
-              vsock_port=5000 vsock_listen=6000 virtio_mmio.device=4K@0xd0001000:5",
+              vsock_port=5000 vsock_listen=6000 vsock_bulk_kib=1024 virtio_mmio.device=4K@0xd0001000:5",
         );
         assert_eq!(a.error, None);
         assert_eq!(
@@ -166,6 +170,7 @@ mod tests {
             (Some(16), Some(4), Some(1))
         );
         assert_eq!((a.vsock_port, a.vsock_listen), (Some(5000), Some(6000)));
+        assert_eq!(a.vsock_bulk_kib, Some(1024));
         assert!(parse(b"vsock_port=0x10").error.is_some());
         assert!(parse(b"blk_ro=yes").error.is_some());
     }

@@ -178,6 +178,12 @@ impl Conn {
     }
 }
 
+/// Byte `i` of a bulk transfer: a period of 251 (prime) so a lost, repeated or reordered
+/// 4 KiB packet shows.
+pub fn bulk_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
 /// The guest's port for its own connection: the first one from 1024 that is not the
 /// port it listens on.
 pub fn local_port(listen: Option<u32>) -> u32 {

@@ -98,6 +98,9 @@ struct Connection {
     host_eof: bool,
     /// Bytes from the guest not yet accepted by the host socket.
     to_host: Vec<u8>,
+    /// SHUTDOWN flags the guest sent while `to_host` still held its data: acted on once that
+    /// data is written, so nothing the guest sent before its SHUTDOWN is lost.
+    pending_shutdown: u32,
     /// Bytes from the host socket that arrived with its CONNECT line.
     to_guest_prefix: Vec<u8>,
     /// Credit: bytes given to the guest, and the guest's window.
@@ -118,6 +121,7 @@ impl Connection {
             readable: false,
             host_eof: false,
             to_host: Vec::new(),
+            pending_shutdown: 0,
             to_guest_prefix: Vec::new(),
             tx_cnt: 0,
             peer_buf_alloc: 0,
@@ -274,6 +278,20 @@ impl Vsock {
         }
     }
 
+    /// The guest's SHUTDOWN, once everything it sent before is with the host: both directions
+    /// end the connection; SEND alone ends the host's read side. RCV alone needs nothing here:
+    /// no more data is read for a guest that said it will not receive (see `process_rx`).
+    fn apply_shutdown(&mut self, key: ConnKey, flags: u32, ops: &mut EventOps) {
+        if flags == SHUTDOWN_RCV | SHUTDOWN_SEND {
+            self.remove(key, ops);
+            self.rst(key.0, key.1);
+        } else if flags & SHUTDOWN_SEND != 0 {
+            if let Some(c) = self.conns.get(&key) {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+
     /// One packet from the guest.
     fn handle_guest_packet(&mut self, h: PacketHeader, payload: &[u8], ops: &mut EventOps) {
         let (src_cid, dst_cid, type_) = (h.src_cid, h.dst_cid, h.type_);
@@ -344,8 +362,16 @@ impl Vsock {
                     // closed (and dropped from epoll) as soon as it went out of scope.
                     Self::watch(ops, &c.stream, true);
                 }
+                let pending = if backlog {
+                    0
+                } else {
+                    std::mem::take(&mut c.pending_shutdown)
+                };
                 if stale {
                     self.reply(key, OP_CREDIT_UPDATE, 0);
+                }
+                if pending != 0 {
+                    self.apply_shutdown(key, pending, ops);
                 }
             }
             OP_CREDIT_UPDATE => {
@@ -357,14 +383,11 @@ impl Vsock {
                 self.reply(key, OP_CREDIT_UPDATE, 0);
             }
             OP_SHUTDOWN => {
-                let flags = h.flags;
-                if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.remove(key, ops);
-                    self.rst(key.0, key.1);
-                } else if flags & SHUTDOWN_SEND != 0 {
-                    if let Some(c) = self.conns.get(&key) {
-                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                    }
+                let flags = h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                match self.conns.get_mut(&key) {
+                    // Still writing what the guest sent before: later, from host_socket_event.
+                    Some(c) if !c.to_host.is_empty() => c.pending_shutdown |= flags,
+                    _ => self.apply_shutdown(key, flags, ops),
                 }
             }
             OP_RST => self.remove(key, ops),
@@ -425,6 +448,7 @@ impl Vsock {
                         c.state == ConnState::Established
                             && c.readable
                             && !c.host_eof
+                            && c.pending_shutdown & SHUTDOWN_RCV == 0
                             && c.peer_credit() > 0
                     })
                     .map(|(key, _)| (header(key.0, self.guest_cid, key.1, OP_RW), Some(*key)))
@@ -603,6 +627,18 @@ impl Vsock {
                     &c.stream,
                     EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
                 ));
+                let pending = std::mem::take(&mut c.pending_shutdown);
+                if pending == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    self.apply_shutdown(key, pending, ops);
+                    return self.process_rx(ops);
+                }
+                self.reply(key, OP_CREDIT_UPDATE, 0);
+                if pending != 0 {
+                    self.apply_shutdown(key, pending, ops);
+                }
+            } else if c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4 {
+                // Part of the backlog went out: a guest waiting for credit may go on now, not
+                // only once the host has taken all of it.
                 self.reply(key, OP_CREDIT_UPDATE, 0);
             }
         }
