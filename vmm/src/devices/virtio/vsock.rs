@@ -101,6 +101,8 @@ struct Connection {
     /// SHUTDOWN flags the guest sent while `to_host` still held its data: acted on once that
     /// data is written, so nothing the guest sent before its SHUTDOWN is lost.
     pending_shutdown: u32,
+    /// Every SHUTDOWN flag the guest has sent: with RCV, nothing more is read for it.
+    guest_shutdown: u32,
     /// Bytes from the host socket that arrived with its CONNECT line.
     to_guest_prefix: Vec<u8>,
     /// Credit: bytes given to the guest, and the guest's window.
@@ -122,6 +124,7 @@ impl Connection {
             host_eof: false,
             to_host: Vec::new(),
             pending_shutdown: 0,
+            guest_shutdown: 0,
             to_guest_prefix: Vec::new(),
             tx_cnt: 0,
             peer_buf_alloc: 0,
@@ -384,11 +387,16 @@ impl Vsock {
             }
             OP_SHUTDOWN => {
                 let flags = h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
-                match self.conns.get_mut(&key) {
-                    // Still writing what the guest sent before: later, from host_socket_event.
-                    Some(c) if !c.to_host.is_empty() => c.pending_shutdown |= flags,
-                    _ => self.apply_shutdown(key, flags, ops),
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.guest_shutdown |= flags;
+                    if !c.to_host.is_empty() {
+                        // Still writing what the guest sent before: later, from
+                        // host_socket_event.
+                        c.pending_shutdown |= flags;
+                        return;
+                    }
                 }
+                self.apply_shutdown(key, flags, ops);
             }
             OP_RST => self.remove(key, ops),
             _ => {}
@@ -448,7 +456,7 @@ impl Vsock {
                         c.state == ConnState::Established
                             && c.readable
                             && !c.host_eof
-                            && c.pending_shutdown & SHUTDOWN_RCV == 0
+                            && c.guest_shutdown & SHUTDOWN_RCV == 0
                             && c.peer_credit() > 0
                     })
                     .map(|(key, _)| (header(key.0, self.guest_cid, key.1, OP_RW), Some(*key)))
