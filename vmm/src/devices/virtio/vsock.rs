@@ -747,8 +747,266 @@ impl Drop for Vsock {
 }
 
 #[cfg(test)]
+#[path = "vsock_rig.rs"]
+mod vsock_rig;
+
+#[cfg(test)]
 mod tests {
+    use super::vsock_rig::{guest_header, VsockRig, RIG_MEM_SIZE};
     use super::*;
+    use std::io::BufRead;
+    use std::path::PathBuf;
+    use vm_memory::GuestAddress;
+
+    const CID: u64 = 3;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("airlock-vsock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn guest_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RIG_MEM_SIZE)]).unwrap()
+    }
+
+    /// The answer to `h`, as the guest sends it.
+    fn answer(h: &PacketHeader, op: u16, len: u32) -> PacketHeader {
+        guest_header(CID, h.dst_port, h.src_port, op, len)
+    }
+
+    /// 16 guest connections to one host port and 8 host connections to 8 guest ports, all open
+    /// at once, their packets interleaved: every byte reaches its own stream.
+    #[test]
+    fn many_connections_at_once_keep_their_streams_apart() {
+        const GUEST_CONNS: u32 = 16;
+        const ROUNDS: u32 = 4;
+        const HOST_CONNS: u32 = 8;
+        let dir = scratch("many");
+        let uds = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        // Each guest connection's host end echoes the 5-byte chunks it gets, then reports them.
+        let echoes = std::thread::spawn(move || {
+            let streams: Vec<_> = (0..GUEST_CONNS)
+                .map(|_| listener.accept().unwrap().0)
+                .collect();
+            let threads: Vec<_> = streams
+                .into_iter()
+                .map(|mut s| {
+                    std::thread::spawn(move || {
+                        let mut got = vec![0u8; (5 * ROUNDS) as usize];
+                        s.read_exact(&mut got).unwrap();
+                        s.write_all(&got).unwrap();
+                        String::from_utf8(got).unwrap()
+                    })
+                })
+                .collect();
+            let mut all: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            all.sort();
+            all
+        });
+        let mem = guest_memory();
+        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+
+        // Guest-initiated: open all, then send ROUNDS chunks on each, interleaved.
+        for k in 0..GUEST_CONNS {
+            rig.send(guest_header(CID, 2000 + k, 5000, OP_REQUEST, 0), &[]);
+        }
+        let mut responses: Vec<u32> = rig
+            .receive(GUEST_CONNS as usize)
+            .iter()
+            .map(|(h, _)| {
+                assert_eq!({ h.op }, OP_RESPONSE);
+                h.dst_port
+            })
+            .collect();
+        responses.sort_unstable();
+        assert_eq!(responses, (2000..2000 + GUEST_CONNS).collect::<Vec<_>>());
+        let chunk = |k: u32, r: u32| format!("{k:02}:{r}|");
+        for r in 0..ROUNDS {
+            for k in 0..GUEST_CONNS {
+                let data = chunk(k, r);
+                let h = guest_header(CID, 2000 + k, 5000, OP_RW, data.len() as u32);
+                rig.send(h, data.as_bytes());
+            }
+        }
+        let mut back: HashMap<u32, Vec<u8>> = HashMap::new();
+        let want = (5 * ROUNDS) as usize;
+        while back.len() < GUEST_CONNS as usize || back.values().any(|v| v.len() < want) {
+            for (h, payload) in rig.receive(1) {
+                if h.op == OP_RW {
+                    back.entry(h.dst_port).or_default().extend(payload);
+                }
+            }
+        }
+        for k in 0..GUEST_CONNS {
+            let expected: String = (0..ROUNDS).map(|r| chunk(k, r)).collect();
+            assert_eq!(
+                back[&(2000 + k)],
+                expected.as_bytes(),
+                "guest port {}",
+                2000 + k
+            );
+        }
+        let mut expected: Vec<String> = (0..GUEST_CONNS)
+            .map(|k| (0..ROUNDS).map(|r| chunk(k, r)).collect())
+            .collect();
+        expected.sort();
+        assert_eq!(echoes.join().unwrap(), expected, "what each host end read");
+
+        // Host-initiated, all at once: CONNECT, OK, a line each way.
+        rig.reset_rings();
+        let hosts: Vec<_> = (0..HOST_CONNS)
+            .map(|k| {
+                let uds = uds.clone();
+                std::thread::spawn(move || {
+                    let mut s = UnixStream::connect(&uds).unwrap();
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                        .unwrap();
+                    writeln!(s, "CONNECT {}", 7000 + k).unwrap();
+                    let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+                    let mut ok = String::new();
+                    reader.read_line(&mut ok).unwrap();
+                    assert!(ok.starts_with("OK "), "{ok:?}");
+                    writeln!(s, "host {k}").unwrap();
+                    let mut echo = String::new();
+                    reader.read_line(&mut echo).unwrap();
+                    echo
+                })
+            })
+            .collect();
+        // A line may come in pieces (one packet per write on the host end).
+        let mut lines: HashMap<u32, Vec<u8>> = HashMap::new();
+        let mut echoed = 0;
+        while echoed < HOST_CONNS {
+            for (h, payload) in rig.receive(1) {
+                match h.op {
+                    OP_REQUEST => {
+                        assert!((7000..7000 + HOST_CONNS).contains(&{ h.dst_port }));
+                        rig.send(answer(&h, OP_RESPONSE, 0), &[]);
+                    }
+                    OP_RW => {
+                        let line = lines.entry(h.dst_port).or_default();
+                        line.extend(payload);
+                        if line.last() != Some(&b'\n') {
+                            continue;
+                        }
+                        let k = h.dst_port - 7000;
+                        assert_eq!(line, format!("host {k}\n").as_bytes());
+                        let reply = format!("guest {k}\n");
+                        rig.send(answer(&h, OP_RW, reply.len() as u32), reply.as_bytes());
+                        echoed += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Keep serving the loop until every host end has its line.
+        let mut echoes: Vec<String> = Vec::new();
+        for t in hosts {
+            while !t.is_finished() {
+                rig.run_once(10);
+            }
+            echoes.push(t.join().unwrap());
+        }
+        for (k, line) in echoes.iter().enumerate() {
+            assert_eq!(line, &format!("guest {k}\n"));
+        }
+        drop(rig);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Packets for nothing, from the wrong cid, of the wrong type, too long for their buffer, or
+    /// beyond the credit the device gave: a RST or nothing, never a crash or a stuck device.
+    #[test]
+    fn stray_and_hostile_packets_get_rst_or_nothing() {
+        let dir = scratch("hostile");
+        let uds = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let mem = guest_memory();
+        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        let quiet = |rig: &mut VsockRig| {
+            for _ in 0..5 {
+                rig.run_once(10);
+            }
+            rig.take_received()
+        };
+
+        // Data for a connection that does not exist, and a request to a port nobody listens on.
+        for (h, what) in [
+            (
+                guest_header(CID, 2000, 5000, OP_RW, 3),
+                "RW without a connection",
+            ),
+            (
+                guest_header(CID, 2001, 6000, OP_REQUEST, 0),
+                "REQUEST to a closed port",
+            ),
+        ] {
+            rig.send(h, b"abc");
+            let got = rig.receive(1);
+            let (r, _) = &got[0];
+            assert_eq!(
+                ({ r.op }, { r.src_port }, { r.dst_port }),
+                (OP_RST, h.dst_port, h.src_port),
+                "{what}"
+            );
+        }
+        // Wrong source cid, wrong destination, a datagram type: ignored.
+        let mut wrong_cid = guest_header(CID + 1, 2000, 5000, OP_REQUEST, 0);
+        rig.send(wrong_cid, &[]);
+        wrong_cid = guest_header(CID, 2000, 5000, OP_REQUEST, 0);
+        wrong_cid.dst_cid = 7;
+        rig.send(wrong_cid, &[]);
+        let mut dgram = guest_header(CID, 2000, 5000, OP_REQUEST, 0);
+        dgram.type_ = 2;
+        rig.send(dgram, &[]);
+        rig.flush_tx();
+        assert!(quiet(&mut rig).is_empty());
+        // A header claiming more payload than its descriptor holds: dropped.
+        rig.send(guest_header(CID, 2000, 5000, OP_RW, 60_000), b"short");
+        rig.flush_tx();
+        assert!(quiet(&mut rig).is_empty());
+
+        // A real connection, then the same REQUEST again: RST.
+        rig.send(guest_header(CID, 2002, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
+        let (host_end, _) = listener.accept().unwrap();
+        rig.send(guest_header(CID, 2002, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RST);
+
+        // Ignoring credit: the host end does not read, the guest keeps sending 64 KiB packets
+        // past the 256 KiB window. The device resets the connection rather than buffer without
+        // bound, and closes the host end.
+        rig.send(guest_header(CID, 2003, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
+        let (mut flooded, _) = listener.accept().unwrap();
+        let block = vec![0x5au8; 64 << 10];
+        let mut rst = false;
+        for _ in 0..16 {
+            rig.send(
+                guest_header(CID, 2003, 5000, OP_RW, block.len() as u32),
+                &block,
+            );
+            rig.flush_tx();
+            rst |= rig
+                .take_received()
+                .iter()
+                .any(|(h, _)| h.op == OP_RST && h.dst_port == 2003);
+            if rst {
+                break;
+            }
+        }
+        assert!(rst, "1 MiB sent into a 256 KiB window without a RST");
+        flooded.set_nonblocking(false).unwrap();
+        let mut sink = Vec::new();
+        flooded.read_to_end(&mut sink).unwrap();
+        assert!(sink.len() <= 1 << 20);
+        drop(host_end);
+        drop(rig);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn header_is_44_bytes() {
