@@ -303,14 +303,7 @@ mod tests {
         sys.device("0000:41:00.0", Some("vfio-pci"), Some(12));
         sys.device("0000:41:00.1", Some("snd_hda_intel"), Some(12));
         sys.device("0000:40:01.1", Some("pcieport"), Some(12));
-        let gpu = a("0000:41:00.0");
-        let m = check_device(sys.path(), &gpu, &[gpu])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            m.contains("IOMMU group 12 with 0000:41:00.1 (driver snd_hda_intel)"),
-            "{m}"
-        );
+        let m = gpu_with_its_audio_function(sys.path());
         assert!(
             !m.contains("0000:40:01.1"),
             "bridges on pcieport are allowed: {m}"
@@ -319,9 +312,20 @@ mod tests {
             m.contains("echo 0000:41:00.1 > /sys/bus/pci/devices/0000:41:00.1/driver/unbind"),
             "{m}"
         );
-        // Given both: accepted.
-        let ok = check_device(sys.path(), &gpu, &[gpu, a("0000:41:00.1")]).unwrap();
-        assert_eq!(ok.group, 12);
+    }
+
+    /// 41:00.0 (vfio-pci) and 41:00.1 (snd_hda_intel) share group 12: the GPU alone is refused
+    /// naming its sibling; both given are accepted. Returns the refusal.
+    fn gpu_with_its_audio_function(sys: &Path) -> String {
+        let gpu = a("0000:41:00.0");
+        let m = check_device(sys, &gpu, &[gpu]).unwrap_err().to_string();
+        assert!(
+            m.contains("IOMMU group 12 with 0000:41:00.1 (driver snd_hda_intel)"),
+            "{m}"
+        );
+        let both = [gpu, a("0000:41:00.1")];
+        assert_eq!(check_device(sys, &gpu, &both).unwrap().group, 12);
+        m
     }
 
     /// Inside a jail, `/sys` is the view airlock-jailer writes for `--vfio-device`: plain
@@ -356,16 +360,7 @@ mod tests {
             )
             .unwrap();
         }
-        let gpu = a("0000:41:00.0");
-        let m = check_device(sys.path(), &gpu, &[gpu])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            m.contains("IOMMU group 12 with 0000:41:00.1 (driver snd_hda_intel)"),
-            "{m}"
-        );
-        let both = [gpu, a("0000:41:00.1")];
-        assert_eq!(check_device(sys.path(), &gpu, &both).unwrap().group, 12);
+        gpu_with_its_audio_function(sys.path());
     }
 
     #[test]
