@@ -98,11 +98,12 @@ struct Connection {
     host_eof: bool,
     /// Bytes from the guest not yet accepted by the host socket.
     to_host: Vec<u8>,
-    /// SHUTDOWN flags the guest sent while `to_host` still held its data: acted on once that
-    /// data is written, so nothing the guest sent before its SHUTDOWN is lost.
-    pending_shutdown: u32,
-    /// Every SHUTDOWN flag the guest has sent: with RCV, nothing more is read for it.
+    /// Every SHUTDOWN flag the guest has sent, over one packet or several: with RCV, nothing
+    /// more is read for it; with both, the connection ends.
     guest_shutdown: u32,
+    /// A SHUTDOWN came while `to_host` still held guest data: act on it once that data is
+    /// written, so nothing the guest sent before its SHUTDOWN is lost.
+    shutdown_after_flush: bool,
     /// Bytes from the host socket that arrived with its CONNECT line.
     to_guest_prefix: Vec<u8>,
     /// Credit: bytes given to the guest, and the guest's window.
@@ -123,8 +124,8 @@ impl Connection {
             readable: false,
             host_eof: false,
             to_host: Vec::new(),
-            pending_shutdown: 0,
             guest_shutdown: 0,
+            shutdown_after_flush: false,
             to_guest_prefix: Vec::new(),
             tx_cnt: 0,
             peer_buf_alloc: 0,
@@ -281,17 +282,24 @@ impl Vsock {
         }
     }
 
-    /// The guest's SHUTDOWN, once everything it sent before is with the host: both directions
-    /// end the connection; SEND alone ends the host's read side. RCV alone needs nothing here:
-    /// no more data is read for a guest that said it will not receive (see `process_rx`).
-    fn apply_shutdown(&mut self, key: ConnKey, flags: u32, ops: &mut EventOps) {
+    /// The guest's SHUTDOWNs so far, once everything it sent before is with the host: both
+    /// directions (in one packet or two) end the connection; SEND ends what the host reads; RCV
+    /// makes the host's writes fail (no more data is read for the guest, see `process_rx`).
+    fn apply_shutdown(&mut self, key: ConnKey, ops: &mut EventOps) {
+        let Some(c) = self.conns.get(&key) else {
+            return;
+        };
+        let flags = c.guest_shutdown;
         if flags == SHUTDOWN_RCV | SHUTDOWN_SEND {
             self.remove(key, ops);
             self.rst(key.0, key.1);
-        } else if flags & SHUTDOWN_SEND != 0 {
-            if let Some(c) = self.conns.get(&key) {
-                let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            }
+            return;
+        }
+        if flags & SHUTDOWN_SEND != 0 {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        if flags & SHUTDOWN_RCV != 0 {
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
         }
     }
 
@@ -365,16 +373,12 @@ impl Vsock {
                     // closed (and dropped from epoll) as soon as it went out of scope.
                     Self::watch(ops, &c.stream, true);
                 }
-                let pending = if backlog {
-                    0
-                } else {
-                    std::mem::take(&mut c.pending_shutdown)
-                };
+                let shutdown_now = !backlog && std::mem::take(&mut c.shutdown_after_flush);
                 if stale {
                     self.reply(key, OP_CREDIT_UPDATE, 0);
                 }
-                if pending != 0 {
-                    self.apply_shutdown(key, pending, ops);
+                if shutdown_now {
+                    self.apply_shutdown(key, ops);
                 }
             }
             OP_CREDIT_UPDATE => {
@@ -387,16 +391,19 @@ impl Vsock {
             }
             OP_SHUTDOWN => {
                 let flags = h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
-                if let Some(c) = self.conns.get_mut(&key) {
-                    c.guest_shutdown |= flags;
-                    if !c.to_host.is_empty() {
-                        // Still writing what the guest sent before: later, from
-                        // host_socket_event.
-                        c.pending_shutdown |= flags;
-                        return;
+                let Some(c) = self.conns.get_mut(&key) else {
+                    if flags == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                        self.rst(key.0, key.1);
                     }
+                    return;
+                };
+                c.guest_shutdown |= flags;
+                if c.to_host.is_empty() {
+                    self.apply_shutdown(key, ops);
+                } else {
+                    // Still writing what the guest sent before: later, from host_socket_event.
+                    c.shutdown_after_flush = true;
                 }
-                self.apply_shutdown(key, flags, ops);
             }
             OP_RST => self.remove(key, ops),
             _ => {}
@@ -480,6 +487,12 @@ impl Vsock {
                     continue;
                 };
                 let want = room.min(c.peer_credit() as usize).min(MAX_PKT_PAYLOAD);
+                if want == 0 {
+                    // A buffer with no room past the header: not a read of 0 bytes (that would
+                    // look like the host's EOF). Data waits for a buffer that can hold some.
+                    active.queues[RX].go_to_previous_position();
+                    break 'buffers;
+                }
                 if !c.to_guest_prefix.is_empty() {
                     len = want.min(c.to_guest_prefix.len());
                     buf[..len].copy_from_slice(&c.to_guest_prefix[..len]);
@@ -635,14 +648,14 @@ impl Vsock {
                     &c.stream,
                     EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
                 ));
-                let pending = std::mem::take(&mut c.pending_shutdown);
-                if pending == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.apply_shutdown(key, pending, ops);
+                let shutdown_now = std::mem::take(&mut c.shutdown_after_flush);
+                if shutdown_now && c.guest_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    self.apply_shutdown(key, ops);
                     return self.process_rx(ops);
                 }
                 self.reply(key, OP_CREDIT_UPDATE, 0);
-                if pending != 0 {
-                    self.apply_shutdown(key, pending, ops);
+                if shutdown_now {
+                    self.apply_shutdown(key, ops);
                 }
             } else if c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4 {
                 // Part of the backlog went out: a guest waiting for credit may go on now, not
@@ -769,6 +782,30 @@ mod tests {
 
     fn guest_memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RIG_MEM_SIZE)]).unwrap()
+    }
+
+    /// Makes the device's socket for `key` take at most a few KiB the host has not read, so a
+    /// backlog builds at once whatever the host's default buffer sizes.
+    fn shrink_send_buffer(rig: &VsockRig, key: ConnKey) {
+        let v = rig.vsock.lock().unwrap();
+        let fd = v.conns[&key].stream.as_raw_fd();
+        let size: libc::c_int = 4096;
+        // SAFETY: setsockopt on an open socket with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    fn backlog(rig: &VsockRig, key: ConnKey) -> Option<usize> {
+        let v = rig.vsock.lock().unwrap();
+        v.conns.get(&key).map(|c| c.to_host.len())
     }
 
     /// The answer to `h`, as the guest sends it.
@@ -917,6 +954,145 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// The host end stops reading with guest data still in the device: a partial flush tells the
+    /// guest it has credit again, and a SHUTDOWN waits for the data sent before it, then ends
+    /// the connection with one RST, every byte delivered.
+    #[test]
+    fn shutdown_waits_for_the_backlog_and_partial_flushes_return_credit() {
+        const SENT: usize = 3 * (64 << 10);
+        let dir = scratch("backlog");
+        let uds = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let mem = guest_memory();
+        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        let key = (5000, 2000);
+        rig.send(guest_header(CID, 2000, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
+        let (mut host_end, _) = listener.accept().unwrap();
+        shrink_send_buffer(&rig, key);
+        let data: Vec<u8> = (0..SENT).map(|i| (i % 251) as u8).collect();
+        for block in data.chunks(64 << 10) {
+            rig.send(
+                guest_header(CID, 2000, 5000, OP_RW, block.len() as u32),
+                block,
+            );
+        }
+        rig.flush_tx();
+        let held = backlog(&rig, key).unwrap();
+        assert!(held > 128 << 10, "the device holds {held} bytes");
+
+        // The host takes 96 KiB: more than a quarter window leaves the backlog, which does not
+        // empty, and the guest hears of it.
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 96 << 10];
+            host_end.read_exact(&mut got).unwrap();
+            (host_end, got)
+        });
+        let mut credit = None;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while credit.is_none() {
+            assert!(std::time::Instant::now() < deadline, "no credit update");
+            credit = rig
+                .receive(1)
+                .into_iter()
+                .find(|(h, _)| h.op == OP_CREDIT_UPDATE && h.fwd_cnt >= 64 << 10)
+                .map(|(h, _)| h.fwd_cnt);
+        }
+        while !reader.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the host got no 96 KiB"
+            );
+            rig.run_once(10);
+        }
+        let (mut host_end, mut got) = reader.join().unwrap();
+        assert!(
+            backlog(&rig, key).unwrap() > 0,
+            "credit came before the backlog emptied"
+        );
+
+        // SHUTDOWN both ways while the device still holds data: no RST yet.
+        let mut shutdown = guest_header(CID, 2000, 5000, OP_SHUTDOWN, 0);
+        shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        rig.send(shutdown, &[]);
+        rig.flush_tx();
+        for _ in 0..5 {
+            rig.run_once(10);
+        }
+        let early: Vec<u16> = rig.take_received().iter().map(|(h, _)| h.op).collect();
+        assert!(
+            !early.contains(&OP_RST),
+            "RST before the data was written: {early:?}"
+        );
+        assert!(
+            backlog(&rig, key).is_some(),
+            "connection dropped with data held"
+        );
+
+        // The host reads the rest: all of it arrives, then the connection ends with one RST.
+        let rest = std::thread::spawn(move || {
+            host_end.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut rsts = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while backlog(&rig, key).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connection stays with {:?} bytes held",
+                backlog(&rig, key)
+            );
+            rig.run_once(10);
+            rsts += rig
+                .take_received()
+                .iter()
+                .filter(|(h, _)| h.op == OP_RST)
+                .count();
+        }
+        for _ in 0..5 {
+            rig.run_once(10);
+        }
+        rsts += rig
+            .take_received()
+            .iter()
+            .filter(|(h, _)| h.op == OP_RST)
+            .count();
+        assert_eq!(rsts, 1);
+        assert!(
+            rest.join().unwrap() == data,
+            "the host got other bytes than the guest sent"
+        );
+        assert!(credit.is_some());
+        drop(rig);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// SHUTDOWN(SEND) and SHUTDOWN(RCV) in two packets end the connection as one with both would.
+    #[test]
+    fn a_split_shutdown_ends_the_connection() {
+        let dir = scratch("split");
+        let uds = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let mem = guest_memory();
+        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        rig.send(guest_header(CID, 2000, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
+        let (mut host_end, _) = listener.accept().unwrap();
+        for flags in [SHUTDOWN_SEND, SHUTDOWN_RCV] {
+            let mut h = guest_header(CID, 2000, 5000, OP_SHUTDOWN, 0);
+            h.flags = flags;
+            rig.send(h, &[]);
+        }
+        let got = rig.receive(1);
+        assert_eq!(({ got[0].0.op }, { got[0].0.dst_port }), (OP_RST, 2000));
+        assert!(backlog(&rig, (5000, 2000)).is_none());
+        let mut rest = Vec::new();
+        host_end.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        drop(rig);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Packets for nothing, from the wrong cid, of the wrong type, too long for their buffer, or
     /// beyond the credit the device gave: a RST or nothing, never a crash or a stuck device.
     #[test]
@@ -982,6 +1158,7 @@ mod tests {
         rig.send(guest_header(CID, 2003, 5000, OP_REQUEST, 0), &[]);
         assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
         let (mut flooded, _) = listener.accept().unwrap();
+        shrink_send_buffer(&rig, (5000, 2003));
         let block = vec![0x5au8; 64 << 10];
         let mut rst = false;
         for _ in 0..16 {

@@ -23,10 +23,11 @@ pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 pub const RIG_QUEUE_SIZE: u16 = 256;
 const RX_BUF: u64 = 0x100_0000;
-const TX_BUF: u64 = 0x200_0000;
+/// Past the last rx buffer (256 of them from 16 MiB end at about 32.01 MiB).
+const TX_BUF: u64 = 0x210_0000;
 /// Room for a header and a 64 KiB payload, the most the device sends in one packet.
 pub const RIG_BUF_LEN: u32 = (HEADER_LEN as u32) + (64 << 10);
-/// Guest memory the rig needs: rings below 16 MiB, rx buffers from 16 MiB, tx from 32 MiB.
+/// Guest memory the rig needs: rings below 16 MiB, rx buffers from 16 MiB, tx from 33 MiB.
 pub const RIG_MEM_SIZE: usize = 64 << 20;
 /// How long `receive` waits before it gives up (a test must fail, not hang).
 const RECEIVE_LIMIT: Duration = Duration::from_secs(20);
