@@ -53,7 +53,7 @@ pub struct JailArgs {
     #[arg(long = "cgroup", value_name = "KEY=VALUE")]
     pub cgroups: Vec<String>,
     /// `fsize=<bytes>`, `no-file=<count>` or `memlock=<bytes>`. Repeatable. no-file defaults to
-    /// 2048; memlock is raised as far as allowed when a VFIO device or group is given.
+    /// 2048; with a VFIO device or group, memlock is raised for DMA pinning (see the README).
     #[arg(long = "resource-limit", value_name = "RESOURCE=VALUE")]
     pub resource_limits: Vec<String>,
     /// Run the VMM as PID 1 of a new PID namespace: it sees no host process.

@@ -87,22 +87,55 @@ pub fn set_rlimits(limits: &[ResourceLimit]) -> Result<(), JailerError> {
     Ok(())
 }
 
-/// With VFIO the VMM pins all guest memory for DMA, which counts against RLIMIT_MEMLOCK (a few MiB
-/// by default). Unless `--resource-limit memlock=` said otherwise, the limit is raised to
-/// unlimited (the cgroup memory limit still bounds the VM), or, without CAP_SYS_RESOURCE, to the
-/// hard limit; the warning says so, and the VMM names RLIMIT_MEMLOCK if DMA mapping then fails.
-pub fn raise_memlock_for_dma() -> Result<(), JailerError> {
+/// Room above the guest's memory for the other pages VFIO pins (the VMM pins nothing else).
+pub const DMA_MEMLOCK_MARGIN: u64 = 64 << 20;
+
+/// The memlock a VFIO jail gets when `--resource-limit memlock=` is not given. VFIO pins all
+/// guest memory for DMA, which counts against RLIMIT_MEMLOCK (a few MiB by default), and that
+/// limit is then all that bounds what the VMM can pin, unless a cgroup memory limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaMemlock {
+    /// A cgroup memory limit bounds the VM: no second limit.
+    Unlimited,
+    /// The guest's memory from `--config-file`, plus [`DMA_MEMLOCK_MARGIN`].
+    Bytes(u64),
+    /// Neither is known (a VM configured over the API): the inherited limit stays.
+    Inherited,
+}
+
+pub fn dma_memlock(cgroup_memory_limit: bool, guest_mib: Option<u64>) -> DmaMemlock {
+    match (cgroup_memory_limit, guest_mib) {
+        (true, _) => DmaMemlock::Unlimited,
+        (false, Some(mib)) => DmaMemlock::Bytes((mib << 20).saturating_add(DMA_MEMLOCK_MARGIN)),
+        (false, None) => DmaMemlock::Inherited,
+    }
+}
+
+/// Applies [`dma_memlock`]'s answer. Without CAP_SYS_RESOURCE the limit cannot rise above the
+/// hard limit: it is set to that, with a warning, and the VMM names RLIMIT_MEMLOCK if DMA
+/// mapping then fails.
+pub fn set_dma_memlock(plan: DmaMemlock) -> Result<(), JailerError> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
-    if setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok() {
+    let hint = "pass --resource-limit memlock=<guest memory + 64 MiB>, or a cgroup memory limit";
+    let target = match plan {
+        DmaMemlock::Unlimited => RLIM_INFINITY,
+        DmaMemlock::Bytes(n) => n,
+        DmaMemlock::Inherited => {
+            eprintln!(
+                "airlock-jailer: warning: VFIO pins the guest's memory, but with no --config-file and no cgroup memory limit the memlock limit stays as inherited; {hint}"
+            );
+            return Ok(());
+        }
+    };
+    if setrlimit(Resource::RLIMIT_MEMLOCK, target, target).is_ok() {
         return Ok(());
     }
-    let fail = |source| JailerError::Sys {
+    let (_, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).map_err(|source| JailerError::Sys {
         step: "read the memlock resource limit",
         source,
-    };
-    let (_, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).map_err(fail)?;
+    })?;
     eprintln!(
-        "airlock-jailer: warning: cannot raise the memlock limit to unlimited for VFIO DMA (no CAP_SYS_RESOURCE); keeping {hard} bytes, so the guest's memory must fit in it (or pass --resource-limit memlock=N as a user allowed to)"
+        "airlock-jailer: warning: cannot raise the memlock limit to {target} bytes for VFIO DMA (above the hard limit, and no CAP_SYS_RESOURCE); keeping {hard} bytes, so the guest's memory must fit in it"
     );
     setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard).map_err(|source| JailerError::Rlimit {
         resource: "memlock",
@@ -376,6 +409,16 @@ pub fn exec(exec_name: &str, argv: &[CString]) -> JailerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dma_memlock_is_bounded_by_something() {
+        assert_eq!(dma_memlock(true, Some(512)), DmaMemlock::Unlimited);
+        assert_eq!(
+            dma_memlock(false, Some(512)),
+            DmaMemlock::Bytes((512 << 20) + DMA_MEMLOCK_MARGIN)
+        );
+        assert_eq!(dma_memlock(false, None), DmaMemlock::Inherited);
+    }
 
     #[test]
     fn layout_matches_firecracker() {

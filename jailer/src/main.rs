@@ -161,7 +161,9 @@ fn run_jail(cfg: JailConfig) -> Result<ExitCode, JailerError> {
         let memlock_given =
             (jail.cfg.rlimits.iter()).any(|l| matches!(l, cli::ResourceLimit::Memlock(_)));
         if !vfio_groups.is_empty() && !memlock_given {
-            jail::raise_memlock_for_dma()?;
+            let cgroup_limit = cgroup::memory_limit(&jail.cfg.cgroups).is_some();
+            let guest_mib = guest_memory(&jail.cfg, &jail.root).map(|(_, mib)| mib);
+            jail::set_dma_memlock(jail::dma_memlock(cgroup_limit, guest_mib))?;
         }
         // 6. cgroups and limits.
         if let Some(plan) = &plan {
@@ -399,16 +401,7 @@ fn check_memory_limit(cfg: &JailConfig, root: &Path) -> Result<(), JailerError> 
     let Some((key, limit)) = cgroup::memory_limit(&cfg.cgroups) else {
         return Ok(());
     };
-    let Some(config) = config_file_arg(&cfg.exec_args) else {
-        return Ok(());
-    };
-    let host_path = root.join(config.strip_prefix("/").unwrap_or(&config));
-    // The VMM reports a missing or malformed config itself.
-    let Some(mib) = fs::read_to_string(&host_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["machine-config"]["mem_size_mib"].as_u64())
-    else {
+    let Some((config, mib)) = guest_memory(cfg, root) else {
         return Ok(());
     };
     if limit < mib << 20 {
@@ -420,6 +413,18 @@ fn check_memory_limit(cfg: &JailConfig, root: &Path) -> Result<(), JailerError> 
         });
     }
     Ok(())
+}
+
+/// The guest's memory from the VMM's `--config-file` in the chroot, with the file's path; None
+/// without one (the VMM reports a missing or malformed config itself).
+fn guest_memory(cfg: &JailConfig, root: &Path) -> Option<(PathBuf, u64)> {
+    let config = config_file_arg(&cfg.exec_args)?;
+    let host_path = root.join(config.strip_prefix("/").unwrap_or(&config));
+    let mib = fs::read_to_string(&host_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["machine-config"]["mem_size_mib"].as_u64())?;
+    Some((config, mib))
 }
 
 /// The VMM's `--config-file` argument, in either `--config-file X` or `--config-file=X` form.

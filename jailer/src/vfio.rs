@@ -128,25 +128,31 @@ pub fn plan_view(sys: &Path, devices: &[String]) -> Result<SysfsView, JailerErro
 
 /// Creates the view under `root` (the chroot, from the host side): directories 0755 and links
 /// owned by root, so the unprivileged VMM reads them but cannot change them.
+/// A view left by an earlier jail with this id (a crash skips cleanup) is removed first, whole:
+/// a stale `driver` link or group member would make the VMM's verdict differ from the host's.
+/// The jailer owns `/sys` in the chroot when a device is given.
 pub fn write_view(root: &Path, view: &SysfsView) -> Result<(), JailerError> {
     let fail = |path: &Path| {
         let path = path.to_path_buf();
         move |source| JailerError::CreateChroot { path, source }
     };
+    if view.links.is_empty() {
+        return Ok(());
+    }
+    let sys = root.join("sys");
+    // remove_dir_all does not follow a symlink planted at `sys`; it removes the link.
+    match fs::remove_dir_all(&sys) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(&sys)(e)),
+        _ => {}
+    }
     for link in &view.links {
         let path = root.join(&link.path);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(fail(parent))?;
         }
-        // A view left by a crashed jail with this id is replaced.
-        let _ = fs::remove_file(&path);
         symlink(&link.target, &path).map_err(fail(&path))?;
     }
-    if !view.links.is_empty() {
-        let sys = root.join("sys");
-        set_tree_mode(&sys).map_err(fail(&sys))?;
-    }
-    Ok(())
+    set_tree_mode(&sys).map_err(fail(&sys))
 }
 
 fn set_tree_mode(dir: &Path) -> std::io::Result<()> {
@@ -266,8 +272,24 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o755);
-        // A second jail start over a leftover view replaces it.
+        // A second jail start over a leftover view replaces it whole: a member that went away
+        // and a planted symlink do not survive.
+        let stale = jailed.join("bus/pci/devices/0000:99:00.0");
+        fs::create_dir_all(&stale).unwrap();
+        symlink("../../../../bus/pci/drivers/nvidia", stale.join("driver")).unwrap();
         write_view(&root, &view).unwrap();
+        assert!(!stale.exists());
+        fs::remove_dir_all(&jailed).unwrap();
+        symlink(&sys.0, &jailed).unwrap();
+        write_view(&root, &view).unwrap();
+        assert!(
+            fs::symlink_metadata(&jailed).unwrap().is_dir(),
+            "sys is a directory again"
+        );
+        assert!(
+            sys.0.join("bus/pci/devices/0000:41:00.0").exists(),
+            "the host tree is intact"
+        );
     }
 
     #[test]
