@@ -808,6 +808,25 @@ mod tests {
         v.conns.get(&key).map(|c| c.to_host.len())
     }
 
+    /// A scratch directory with the device's socket path in it and a host listener for port 5000.
+    fn host_port_5000(tag: &str) -> (PathBuf, PathBuf, UnixListener) {
+        let dir = scratch(tag);
+        let uds = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        (dir, uds, listener)
+    }
+
+    fn rig_at<'a>(mem: &'a GuestMemoryMmap, uds: &std::path::Path) -> VsockRig<'a> {
+        VsockRig::new(mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap())
+    }
+
+    /// Guest port `port` connects to host port 5000; returns the host's end.
+    fn connect_to_5000(rig: &mut VsockRig, listener: &UnixListener, port: u32) -> UnixStream {
+        rig.send(guest_header(CID, port, 5000, OP_REQUEST, 0), &[]);
+        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
+        listener.accept().unwrap().0
+    }
+
     /// The answer to `h`, as the guest sends it.
     fn answer(h: &PacketHeader, op: u16, len: u32) -> PacketHeader {
         guest_header(CID, h.dst_port, h.src_port, op, len)
@@ -820,9 +839,7 @@ mod tests {
         const GUEST_CONNS: u32 = 16;
         const ROUNDS: u32 = 4;
         const HOST_CONNS: u32 = 8;
-        let dir = scratch("many");
-        let uds = dir.join("v.sock");
-        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let (dir, uds, listener) = host_port_5000("many");
         // Each guest connection's host end echoes the 5-byte chunks it gets, then reports them.
         let echoes = std::thread::spawn(move || {
             let streams: Vec<_> = (0..GUEST_CONNS)
@@ -844,7 +861,7 @@ mod tests {
             all
         });
         let mem = guest_memory();
-        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        let mut rig = rig_at(&mem, &uds);
 
         // Guest-initiated: open all, then send ROUNDS chunks on each, interleaved.
         for k in 0..GUEST_CONNS {
@@ -960,15 +977,11 @@ mod tests {
     #[test]
     fn shutdown_waits_for_the_backlog_and_partial_flushes_return_credit() {
         const SENT: usize = 3 * (64 << 10);
-        let dir = scratch("backlog");
-        let uds = dir.join("v.sock");
-        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let (dir, uds, listener) = host_port_5000("backlog");
         let mem = guest_memory();
-        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        let mut rig = rig_at(&mem, &uds);
         let key = (5000, 2000);
-        rig.send(guest_header(CID, 2000, 5000, OP_REQUEST, 0), &[]);
-        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
-        let (mut host_end, _) = listener.accept().unwrap();
+        let mut host_end = connect_to_5000(&mut rig, &listener, 2000);
         shrink_send_buffer(&rig, key);
         let data: Vec<u8> = (0..SENT).map(|i| (i % 251) as u8).collect();
         for block in data.chunks(64 << 10) {
@@ -1070,14 +1083,10 @@ mod tests {
     /// SHUTDOWN(SEND) and SHUTDOWN(RCV) in two packets end the connection as one with both would.
     #[test]
     fn a_split_shutdown_ends_the_connection() {
-        let dir = scratch("split");
-        let uds = dir.join("v.sock");
-        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let (dir, uds, listener) = host_port_5000("split");
         let mem = guest_memory();
-        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
-        rig.send(guest_header(CID, 2000, 5000, OP_REQUEST, 0), &[]);
-        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
-        let (mut host_end, _) = listener.accept().unwrap();
+        let mut rig = rig_at(&mem, &uds);
+        let mut host_end = connect_to_5000(&mut rig, &listener, 2000);
         for flags in [SHUTDOWN_SEND, SHUTDOWN_RCV] {
             let mut h = guest_header(CID, 2000, 5000, OP_SHUTDOWN, 0);
             h.flags = flags;
@@ -1097,11 +1106,9 @@ mod tests {
     /// beyond the credit the device gave: a RST or nothing, never a crash or a stuck device.
     #[test]
     fn stray_and_hostile_packets_get_rst_or_nothing() {
-        let dir = scratch("hostile");
-        let uds = dir.join("v.sock");
-        let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+        let (dir, uds, listener) = host_port_5000("hostile");
         let mem = guest_memory();
-        let mut rig = VsockRig::new(&mem, Vsock::new(CID, uds.to_str().unwrap()).unwrap());
+        let mut rig = rig_at(&mem, &uds);
         let quiet = |rig: &mut VsockRig| {
             for _ in 0..5 {
                 rig.run_once(10);
@@ -1146,18 +1153,14 @@ mod tests {
         assert!(quiet(&mut rig).is_empty());
 
         // A real connection, then the same REQUEST again: RST.
-        rig.send(guest_header(CID, 2002, 5000, OP_REQUEST, 0), &[]);
-        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
-        let (host_end, _) = listener.accept().unwrap();
+        let host_end = connect_to_5000(&mut rig, &listener, 2002);
         rig.send(guest_header(CID, 2002, 5000, OP_REQUEST, 0), &[]);
         assert_eq!({ rig.receive(1)[0].0.op }, OP_RST);
 
         // Ignoring credit: the host end does not read, the guest keeps sending 64 KiB packets
         // past the 256 KiB window. The device resets the connection rather than buffer without
         // bound, and closes the host end.
-        rig.send(guest_header(CID, 2003, 5000, OP_REQUEST, 0), &[]);
-        assert_eq!({ rig.receive(1)[0].0.op }, OP_RESPONSE);
-        let (mut flooded, _) = listener.accept().unwrap();
+        let mut flooded = connect_to_5000(&mut rig, &listener, 2003);
         shrink_send_buffer(&rig, (5000, 2003));
         let block = vec![0x5au8; 64 << 10];
         let mut rst = false;
