@@ -649,11 +649,10 @@ impl Vsock {
                     EventSet::IN | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
                 ));
                 let shutdown_now = std::mem::take(&mut c.shutdown_after_flush);
-                if shutdown_now && c.guest_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.apply_shutdown(key, ops);
-                    return self.process_rx(ops);
+                // No credit for a connection about to end.
+                if !(shutdown_now && c.guest_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND) {
+                    self.reply(key, OP_CREDIT_UPDATE, 0);
                 }
-                self.reply(key, OP_CREDIT_UPDATE, 0);
                 if shutdown_now {
                     self.apply_shutdown(key, ops);
                 }
