@@ -6,7 +6,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
@@ -15,7 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    drain_queue, read_config_bytes, Activation, Chain, IrqLine, VirtioDevice, INT_USED_RING,
+    drain_queue, read_config_bytes, Activation, Chain, SingleQueue, VirtioDevice, INT_USED_RING,
     QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
@@ -56,12 +55,6 @@ struct RequestHeader {
 // SAFETY: plain integers in a repr(C) struct with no padding.
 unsafe impl ByteValued for RequestHeader {}
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    irq: Arc<IrqLine>,
-}
-
 pub struct Block {
     path: String,
     file: File,
@@ -70,7 +63,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: [u8; 8],
     queue_evts: [EventFd; 1],
-    active: Option<Active>,
+    active: Option<SingleQueue>,
 }
 
 impl Block {
@@ -238,12 +231,7 @@ impl VirtioDevice for Block {
         &self.queue_evts
     }
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let queue = a.queues.into_iter().next().ok_or("block needs one queue")?;
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            irq: a.irq,
-        });
+        self.active = Some(SingleQueue::activate(a, "block")?);
         // The work itself happens on the device loop, never on the vCPU that activated us.
         self.kick_queues();
         Ok(())
@@ -277,7 +265,9 @@ impl MutEventSubscriber for Block {
 #[cfg(test)]
 mod tests {
     use super::super::test_utils::guest_memory;
+    use super::super::IrqLine;
     use super::*;
+    use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};

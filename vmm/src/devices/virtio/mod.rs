@@ -70,6 +70,25 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+/// What a device with a single queue (block, rng) keeps while active.
+pub(crate) struct SingleQueue {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    pub irq: Arc<IrqLine>,
+}
+
+impl SingleQueue {
+    pub fn activate(a: Activation, device: &str) -> Result<SingleQueue, String> {
+        let queue =
+            (a.queues.into_iter().next()).ok_or_else(|| format!("{device} needs one queue"))?;
+        Ok(SingleQueue {
+            mem: a.mem,
+            queue,
+            irq: a.irq,
+        })
+    }
+}
+
 /// A virtio device's side of the transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;

@@ -4,27 +4,20 @@ use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    drain_queue, Activation, VirtioDevice, INT_USED_RING, QUEUE_SIZE, TYPE_RNG, VIRTIO_F_VERSION_1,
+    drain_queue, Activation, SingleQueue, VirtioDevice, INT_USED_RING, QUEUE_SIZE, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
-use std::sync::Arc;
 
 /// Most bytes given per request: a driver asking for more gets this much and asks again.
 const MAX_REQUEST: usize = 64 << 10;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    irq: Arc<super::IrqLine>,
-}
-
 pub struct Rng {
     queue_evts: [EventFd; 1],
-    active: Option<Active>,
+    active: Option<SingleQueue>,
 }
 
 impl Rng {
@@ -80,12 +73,7 @@ impl VirtioDevice for Rng {
         &self.queue_evts
     }
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let queue = a.queues.into_iter().next().ok_or("rng needs one queue")?;
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            irq: a.irq,
-        });
+        self.active = Some(SingleQueue::activate(a, "rng")?);
         // Requests made before activation were waiting on the eventfd.
         // The work itself happens on the device loop, never on the vCPU that activated us.
         self.kick_queues();
@@ -119,6 +107,7 @@ mod tests {
     use super::super::test_utils::guest_memory;
     use super::super::IrqLine;
     use super::*;
+    use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
