@@ -260,15 +260,11 @@ fn background_processes_stdin_signals_wait_kill() {
     run_bounded(LIMIT, async {
         let mut c = agent.client().await;
         // start + stdin + attach = exec with stdin.
-        let started = c
-            .call(
-                Method::POST,
-                "/v1/processes",
-                Some(&json!({"argv": ["sh", "-c", "cat; echo done"], "stdin": true})),
-            )
-            .await
-            .unwrap();
-        let id = started["id"].as_str().unwrap().to_string();
+        let id = start(
+            &mut c,
+            json!({"argv": ["sh", "-c", "cat; echo done"], "stdin": true}),
+        )
+        .await;
         let mut c2 = agent.client().await;
         let r = c2
             .send(
@@ -301,15 +297,7 @@ fn background_processes_stdin_signals_wait_kill() {
         assert_eq!(status, StatusCode::CONFLICT);
 
         // Signals by name to a running process; wait reports the signal.
-        let p = c
-            .call(
-                Method::POST,
-                "/v1/processes",
-                Some(&json!({"argv": ["sleep", "100"]})),
-            )
-            .await
-            .unwrap();
-        let pid_id = p["id"].as_str().unwrap().to_string();
+        let pid_id = start(&mut c, json!({"argv": ["sleep", "100"]})).await;
         let list = c.call(Method::GET, "/v1/processes", None).await.unwrap();
         assert!(list["processes"]
             .as_array()
@@ -353,15 +341,7 @@ fn background_processes_stdin_signals_wait_kill() {
         assert_eq!(status, StatusCode::CONFLICT);
 
         // Kill, then remove.
-        let p = c
-            .call(
-                Method::POST,
-                "/v1/processes",
-                Some(&json!({"argv": ["sleep", "100"]})),
-            )
-            .await
-            .unwrap();
-        let kid = p["id"].as_str().unwrap().to_string();
+        let kid = start(&mut c, json!({"argv": ["sleep", "100"]})).await;
         c.call(Method::POST, &format!("/v1/processes/{kid}/kill"), None)
             .await
             .unwrap();
@@ -393,15 +373,11 @@ fn attach_detach_and_reattach() {
     let agent = AgentUnderTest::start(&[]);
     run_bounded(LIMIT, async {
         let mut c = agent.client().await;
-        let p = c
-            .call(
-                Method::POST,
-                "/v1/processes",
-                Some(&json!({"argv": ["sh", "-c", "echo one; sleep 0.5; echo two"]})),
-            )
-            .await
-            .unwrap();
-        let id = p["id"].as_str().unwrap().to_string();
+        let id = start(
+            &mut c,
+            json!({"argv": ["sh", "-c", "echo one; sleep 0.5; echo two"]}),
+        )
+        .await;
         {
             let mut first = agent.client().await;
             let mut stream = first.attach(&id).await.unwrap();
@@ -656,6 +632,15 @@ fn files_stream_stat_list_mkdir_rename_chmod_remove() {
         // The agent's /tmp is its own tmpfs, not the host's.
         assert!(!std::path::Path::new("/tmp/w").exists());
     });
+}
+
+/// Starts a background process; returns its id.
+async fn start(c: &mut AgentClient, spec: serde_json::Value) -> String {
+    let p = c
+        .call(Method::POST, "/v1/processes", Some(&spec))
+        .await
+        .unwrap();
+    p["id"].as_str().unwrap().to_string()
 }
 
 async fn collect_body(r: http::Response<hyper_body::Incoming>) -> Vec<u8> {
