@@ -42,6 +42,9 @@ apt_update_once() {
         log "apt-get update"
         as_root apt-get update -qq
         apt_updated=1
+        # apt leaves a list it did not need to fetch again with its old time: remember the update.
+        mkdir -p "$stamps"
+        touch "$stamps/apt-updated"
     fi
 }
 
@@ -56,8 +59,26 @@ need() {
     fi
 }
 
+# Lists older than this are refreshed before any version is resolved from them: a mirror keeps
+# only current versions, so old lists name .debs that answer 404.
+apt_lists_max_age_min=$((12 * 60))
+apt_lists_checked=
+apt_lists_fresh_enough() {
+    [ -n "$apt_lists_checked" ] && return 0
+    apt_lists_checked=1
+    local newest
+    # apt dates a list by the mirror's Last-Modified, not by the download: our own stamp says
+    # when lists were last refreshed here.
+    newest="$(find "$stamps/apt-updated" -mmin "-$apt_lists_max_age_min" 2>/dev/null || true)"
+    if [ -z "$newest" ]; then
+        log "the package lists are missing or older than $((apt_lists_max_age_min / 60)) hours"
+        apt_update_once
+    fi
+}
+
 # The package lists can be empty on a fresh machine; update them once, then only when asked.
 apt_show() {
+    apt_lists_fresh_enough
     if ! apt-cache show --no-all-versions "$1" >/dev/null 2>&1; then
         apt_update_once
     fi
@@ -68,6 +89,7 @@ apt_show() {
 # (apt-cache takes most of a second per call on these lists).
 apt_memo() {
     local q="$1" lists hit
+    apt_lists_fresh_enough
     lists="$(find /var/lib/apt/lists/ -maxdepth 1 -printf '%f %s %T@\n' 2>/dev/null | sort | sha256sum | cut -c1-16)"
     if [ "$(head -n1 "$stamps/apt-resolved" 2>/dev/null)" != "$lists" ]; then
         mkdir -p "$stamps"
@@ -108,7 +130,17 @@ fetch_deb() {
             apt-get download -qq "$pkg=$ver" 2>&1 | { grep -v 'unsandboxed' || true; } >&2
         )
         local got=("$tmp"/*.deb)
-        [ -s "${got[0]}" ] || die "apt-get download $pkg=$ver failed"
+        if ! [ -s "${got[0]}" ]; then
+            rm -rf "$tmp"
+            # Stale lists name versions the mirror no longer has (a 404): refresh them and
+            # start over once, so that every version is resolved again from the same lists.
+            if [ -z "${AIRLOCK_IMAGES_APT_REFRESHED:-}" ]; then
+                log "apt-get download $pkg=$ver failed: refreshing the package lists and starting again"
+                as_root apt-get update -qq
+                exec env AIRLOCK_IMAGES_APT_REFRESHED=1 bash "$images/build.sh" "${build_args[@]}"
+            fi
+            die "apt-get download $pkg=$ver failed, also after refreshing the package lists"
+        fi
         mv "${got[0]}" "$file"
         rm -rf "$tmp"
     fi
@@ -569,6 +601,7 @@ target_dir="$(cargo metadata --manifest-path "$repo/Cargo.toml" --format-version
     "$py" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 
 [ "$#" -gt 0 ] || set -- test-guest default
+build_args=("$@")
 for what in "$@"; do
     case "$what" in
         test-guest) build_test_guest ;;

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test: builds the test guest and the workspace (release, once), then the unit and
-# integration tests, formatting and lints. Installs what it needs; safe to run on a fresh machine.
+# Runs every test: builds the images and the workspace (release, once), then the unit and
+# integration tests, formatting and lints, then the nested KVM lab (tests/lab/run.sh), where the
+# Linux-guest and vm-backend suites run. Installs what it needs; safe to run on a fresh machine.
+# Ends with the list of tests that did not run and why, and one line `N passed, N failed`.
+#
+# AIRLOCK_SKIP_LAB=1 leaves the lab out (it says so in the summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+logs=target/test-logs
+mkdir -p "$logs"
+rm -f "$logs"/*.log
+started=$(date +%s)
+stamp() { printf 'run-all: %s (%d s)\n' "$*" $(($(date +%s) - started)) >&2; }
 
 # The test guest and the default image, then the python image (about a minute, cached after).
 bash images/build.sh
@@ -10,10 +19,36 @@ bash images/build.sh python
 for component in clippy rustfmt; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
+stamp "images built"
 
 cargo fmt --all --check
 cargo build --release --workspace
+stamp "workspace built"
+failed_steps=()
 # --workspace includes the test guest crate, whose pure logic is unit-tested on the host.
-cargo test --release --workspace
-cargo clippy --release --workspace --all-targets -- -D warnings
-cargo clippy --release -p airlock-test-guest --target x86_64-unknown-none -- -D warnings
+cargo test --release --workspace 2>&1 | tee "$logs/cargo-test.log" || failed_steps+=("cargo test")
+stamp "workspace tests done"
+cargo clippy --release --workspace --all-targets -- -D warnings || failed_steps+=("clippy")
+cargo clippy --release -p airlock-test-guest --target x86_64-unknown-none -- -D warnings || failed_steps+=("clippy (test guest)")
+
+if [ -n "${AIRLOCK_SKIP_LAB:-}" ]; then
+    echo "NOT RUN tests/lab/run.sh (every lab suite): AIRLOCK_SKIP_LAB is set" | tee "$logs/lab.log"
+else
+    bash tests/lab/run.sh 2>&1 | tee "$logs/lab.log" || failed_steps+=("the lab")
+    stamp "lab done"
+fi
+
+# --- summary -------------------------------------------------------------------------------------
+# libtest counts a test that printed its NOT RUN line and returned as passed: count it as not run.
+read -r cargo_passed cargo_failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$logs/cargo-test.log")
+cargo_not_run=$(grep -c 'NOT RUN ' "$logs/cargo-test.log" || true)
+read -r lab_passed lab_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ {p = $1; f = $3} END {print p + 0, f + 0}' "$logs/lab.log")
+echo
+echo "tests that did not run, and why:"
+grep -h -o 'NOT RUN .*' "$logs/cargo-test.log" "$logs/lab.log" | sed 's/^NOT RUN /  /' | sort -u || echo "  (none)"
+for s in "${failed_steps[@]}"; do echo "failed: $s"; done
+passed=$((cargo_passed - cargo_not_run + lab_passed))
+failed=$((cargo_failed + lab_failed))
+stamp "finished"
+echo "$passed passed, $failed failed"
+[ "${#failed_steps[@]}" -eq 0 ] && [ "$failed" -eq 0 ]

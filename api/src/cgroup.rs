@@ -100,15 +100,22 @@ fn write(path: &Path, value: &str, step: &'static str) -> Result<(), CgroupError
     std::fs::write(path, value).map_err(io(step, path))
 }
 
+/// What a sandbox's cgroups allow.
+pub struct SandboxLimits<'a> {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub pids_max: u64,
+    /// Device-cgroup rules beside the harmless nodes every sandbox gets (a GPU's, say).
+    pub extra_device_rules: &'a [String],
+}
+
 /// Creates `<hierarchy>/<parent>/<id>` with the sandbox's limits: memory, CPU bandwidth of
 /// `vcpus` CPUs, pids, devices.
 pub fn create(
     h: &Hierarchy,
     parent: &str,
     id: &str,
-    vcpus: u32,
-    memory_mib: u64,
-    pids_max: u64,
+    limits: &SandboxLimits,
 ) -> Result<SandboxCgroups, CgroupError> {
     let mut made = SandboxCgroups {
         dirs: vec![],
@@ -117,7 +124,7 @@ pub fn create(
         freezer: PathBuf::new(),
         layout: h.layout,
     };
-    let result = create_inner(h, parent, id, vcpus, memory_mib, pids_max, &mut made);
+    let result = create_inner(h, parent, id, limits, &mut made);
     if let Err(e) = result {
         let _ = remove(&made, Duration::from_millis(500));
         return Err(e);
@@ -129,11 +136,15 @@ fn create_inner(
     h: &Hierarchy,
     parent: &str,
     id: &str,
-    vcpus: u32,
-    memory_mib: u64,
-    pids_max: u64,
+    limits: &SandboxLimits,
     made: &mut SandboxCgroups,
 ) -> Result<(), CgroupError> {
+    let &SandboxLimits {
+        vcpus,
+        memory_mib,
+        pids_max,
+        extra_device_rules,
+    } = limits;
     let memory = (memory_mib << 20).to_string();
     let quota = (u64::from(vcpus) * 100_000).to_string();
     match h.layout {
@@ -162,7 +173,11 @@ fn create_inner(
                     "freezer" => made.freezer = dir.clone(),
                     "devices" => {
                         write(&dir.join("devices.deny"), "a", "devices.deny")?;
-                        for rule in DEVICES_ALLOWED {
+                        for rule in DEVICES_ALLOWED
+                            .iter()
+                            .copied()
+                            .chain(extra_device_rules.iter().map(String::as_str))
+                        {
                             write(&dir.join("devices.allow"), rule, "devices.allow")?;
                         }
                     }

@@ -406,6 +406,25 @@ impl Daemon {
                 self.limits.max_memory_mib
             )));
         }
+        let gpus = match self.backend.kind() {
+            BackendKind::Namespace => {
+                crate::gpu::select(&req.gpus, &crate::gpu::host_gpus(Path::new("/dev")))
+                    .map_err(ApiError::BadRequest)?
+            }
+            BackendKind::Vm if !req.gpus.is_empty() => return Err(ApiError::BadRequest(
+                "gpus: the vm backend passes devices through with VFIO, which the daemon does not \
+                     wire yet; use airlock-vmm's device-passthrough (docs/gpu-passthrough.md)"
+                    .into(),
+            )),
+            BackendKind::Vm => vec![],
+        };
+        // A GPU sandbox's commands find CUDA and nvidia-smi; the caller's own values win.
+        let mut env = req.env;
+        if !gpus.is_empty() {
+            for (k, v) in crate::gpu::environment() {
+                env.entry(k).or_insert(v);
+            }
+        }
         const WEEK: u64 = 7 * 86400;
         for (what, v) in [
             ("timeout_s", req.timeout_s),
@@ -429,7 +448,8 @@ impl Daemon {
             vcpus,
             memory_mib,
             network: req.network,
-            env: req.env,
+            gpus,
+            env,
             labels: req.labels,
             created_at_ms: now,
             timeout_at_ms: req.timeout_s.map(|s| now + s * 1000),
@@ -658,6 +678,7 @@ impl Daemon {
             vcpus: tpl.vcpus,
             memory_mib: tpl.memory_mib,
             network: false,
+            gpus: vec![],
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             created_at_ms: now_ms(),
@@ -786,6 +807,7 @@ impl Daemon {
                 env: parent.env.clone(),
                 labels,
                 network: parent.network,
+                gpus: parent.gpus.iter().map(u32::to_string).collect(),
             })
         });
         let results = futures_util::future::join_all(creates).await;

@@ -46,6 +46,12 @@ pub struct LaunchSpec {
     pub agent_path: String,
     pub agent_args: Vec<String>,
     pub tmp_size_mib: u64,
+    /// Host device nodes bound into the sandbox's /dev under their own names (GPUs).
+    #[serde(default)]
+    pub device_nodes: Vec<PathBuf>,
+    /// (host file, absolute path inside the sandbox), bound read-only (a GPU driver's files).
+    #[serde(default)]
+    pub ro_files: Vec<(PathBuf, String)>,
 }
 
 /// Capabilities the agent keeps (everything else leaves the bounding set). CAP_SYS_ADMIN,
@@ -246,6 +252,43 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         nosuid_nodev_noexec,
         Some("mode=1777,size=64m"),
     )?;
+    for node in &spec.device_nodes {
+        let name = node
+            .file_name()
+            .ok_or_else(|| format!("{}: not a device node path", node.display()))?;
+        let target = dev.join(name);
+        std::fs::File::create(&target)
+            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        bind(node, &target)?;
+    }
+    for (host, inside) in &spec.ro_files {
+        let rel = inside.trim_start_matches('/');
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
+        {
+            return Err(format!("{inside:?}: not a plain absolute path"));
+        }
+        let target = root.join(rel);
+        if let Some(parent) = target.parent() {
+            mkdirs(parent)?;
+        }
+        std::fs::File::create(&target)
+            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        bind(host, &target)?;
+        mnt(
+            none,
+            &target,
+            none,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
+            none,
+        )?;
+    }
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod error;
+pub mod gpu;
 pub mod launch;
 pub mod metrics;
 pub mod model;

@@ -59,6 +59,10 @@ struct Args {
     /// namespace backend: allow `network: true`, which shares the host's network namespace.
     #[arg(long)]
     namespace_host_network: bool,
+    /// vm backend: how long a booting or restored VM's agent may take to answer, seconds. 30 is
+    /// ample on hardware KVM; nested or emulated hosts (the test lab) need minutes.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    agent_ready_timeout_s: u64,
     /// How often the monitor checks for dead sandboxes and timeouts, ms.
     #[arg(long, default_value_t = 250)]
     monitor_interval_ms: u64,
@@ -140,13 +144,14 @@ fn run(args: Args) -> Result<(), String> {
                 .jailer_bin
                 .clone()
                 .unwrap_or_else(|| beside_me("airlock-jailer"));
-            let b = VmBackend::new(
+            let mut b = VmBackend::new(
                 state_dir.clone(),
                 vmm.clone(),
                 jailer,
                 args.jail_uid,
                 args.jail_gid,
             )?;
+            b.ready_timeout = Duration::from_secs(args.agent_ready_timeout_s);
             vm_host_warning(&vmm);
             Backend::Vm(b)
         }

@@ -100,6 +100,10 @@ pub struct CreateSandboxRequest {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub network: bool,
+    /// GPUs for the sandbox: `["all"]` or host GPU indices (`["0"]`). The namespace backend binds
+    /// the host's NVIDIA device nodes and driver files in (api/src/gpu.rs).
+    #[serde(default)]
+    pub gpus: Vec<String>,
 }
 
 /// How the daemon reaches a sandbox's agent.
@@ -165,6 +169,9 @@ pub struct SandboxRecord {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub network: bool,
+    /// Host GPU indices given to the sandbox (namespace backend).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -194,6 +201,7 @@ impl SandboxRecord {
             "vcpus": self.vcpus,
             "memory_mib": self.memory_mib,
             "network": self.network,
+            "gpus": self.gpus,
             "labels": self.labels,
             "env_keys": self.env.keys().collect::<Vec<_>>(),
             "created_at_ms": self.created_at_ms,
@@ -202,6 +210,7 @@ impl SandboxRecord {
             "last_activity_ms": last_activity_ms,
             "start_latency_ms": self.start_latency_ms,
             "pid": self.runtime.as_ref().map(|r| r.pid),
+            "tap": self.runtime.as_ref().and_then(|r| r.tap.clone()),
         })
     }
 }
@@ -292,6 +301,10 @@ pub struct ExecRequest {
     /// Background processes only: keep stdin open for `POST .../stdin`.
     #[serde(default)]
     pub open_stdin: bool,
+    /// Run on a pseudo-terminal of this size (`{"rows", "cols"}`): stdin, stdout and stderr all
+    /// on it, output arriving as `stdout`. The agent's own type: one definition for both sides.
+    #[serde(default)]
+    pub pty: Option<airlock_agent::protocol::PtySize>,
 }
 
 /// Sandbox ids: `sb-` and 16 hex digits, or names the caller cannot choose.
@@ -432,6 +445,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             network: false,
+            gpus: vec![],
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             created_at_ms: 1,

@@ -723,6 +723,9 @@ fn agent_spec(
         }
         spec["timeout_ms"] = t.into();
     }
+    if let Some(size) = body.pty {
+        spec["pty"] = serde_json::json!({"rows": size.rows, "cols": size.cols});
+    }
     Ok(spec)
 }
 

@@ -35,7 +35,7 @@ pub fn cannot_run_reason() -> Option<String> {
 pub fn skip_if_unsupported(test: &str) -> bool {
     match cannot_run_reason() {
         Some(reason) => {
-            println!("SKIPPED {test}: {reason}");
+            crate::not_run(test, &reason);
             true
         }
         None => false,

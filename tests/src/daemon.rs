@@ -2,7 +2,6 @@
 //! default) in a scratch directory, builds a small root filesystem when the images are not
 //! built, and checks answers against `api/openapi.yaml`.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -35,7 +34,7 @@ pub fn cannot_run_reason() -> Option<String> {
 pub fn skip_if_unsupported(test: &str) -> bool {
     match cannot_run_reason() {
         Some(reason) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+            crate::not_run(test, &reason);
             true
         }
         None => false,
@@ -136,8 +135,17 @@ fn short_scratch() -> PathBuf {
 impl DaemonUnderTest {
     /// `airlockd --backend namespace` with `extra` flags.
     pub fn start(extra: &[&str]) -> DaemonUnderTest {
+        Self::start_with("namespace", extra)
+    }
+
+    /// `airlockd --backend vm` with `extra` flags.
+    pub fn start_vm(extra: &[&str]) -> DaemonUnderTest {
+        Self::start_with("vm", extra)
+    }
+
+    fn start_with(backend: &str, extra: &[&str]) -> DaemonUnderTest {
         let dir = short_scratch();
-        let mut args: Vec<String> = vec!["--backend".into(), "namespace".into()];
+        let mut args: Vec<String> = vec!["--backend".into(), backend.into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = DaemonUnderTest {
             child: None,
@@ -234,6 +242,16 @@ impl DaemonUnderTest {
 
     /// `airlock --socket ... ARGS`: (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+        self.cli_within(Duration::from_secs(60), args, stdin)
+    }
+
+    /// [`Self::cli`] with its own limit (a template build in the nested lab takes minutes).
+    pub fn cli_within(
+        &self,
+        limit: Duration,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> (i32, String, String) {
         let mut cmd = Command::new(crate::workspace_bin("airlock"));
         cmd.env("AIRLOCK_SOCKET", &self.socket)
             .args(args)
@@ -250,14 +268,14 @@ impl DaemonUnderTest {
             let mut s = child.stdin.take().unwrap();
             s.write_all(data).unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("airlock {args:?} did not finish within 60 s");
+                panic!("airlock {args:?} did not finish within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -256,6 +256,39 @@ pub fn host_report() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("check-host prints JSON")
 }
 
+/// Says, in the one line every skipped test prints, that `test` did not run and why. Straight to
+/// stderr: libtest captures `print!`/`eprint!` of passing tests, and this line must be seen.
+/// `tests/run-all.sh` and the lab's summary list every such line (the format is theirs to parse).
+pub fn not_run(test: &str, reason: &str) {
+    let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {reason}");
+}
+
+/// None where `airlock-vmm check-host` says this host runs Linux guests; otherwise its reason.
+/// The verdict comes from the host check, never from a guess.
+pub fn linux_guests_unavailable() -> Option<String> {
+    let report = host_report();
+    if report["linux_guests"] == serde_json::Value::Bool(true) {
+        None
+    } else {
+        Some(format!(
+            "airlock-vmm check-host says this host cannot run Linux guests: {}",
+            report["reason"].as_str().unwrap_or("no reason given")
+        ))
+    }
+}
+
+/// True, for a test that needs Linux guests, where this host runs them; otherwise prints the
+/// test's NOT RUN line.
+pub fn can_run_linux_guests(test: &str) -> bool {
+    match linux_guests_unavailable() {
+        None => true,
+        Some(reason) => {
+            not_run(test, &reason);
+            false
+        }
+    }
+}
+
 /// A sorted sample's percentile (nearest rank).
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

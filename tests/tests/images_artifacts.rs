@@ -41,10 +41,13 @@ fn manifest(name: &str, required: bool) -> Option<Value> {
         } else {
             name
         };
-        say(&format!(
-            "images: {name} image checks not run: {} does not exist (build it with `bash images/build.sh {target}`)",
-            path.display()
-        ));
+        airlock_tests::not_run(
+            &format!("{name}_image_is_complete_and_matches_its_manifest"),
+            &format!(
+                "{} does not exist (build it with `bash images/build.sh {target}`)",
+                path.display()
+            ),
+        );
         return None;
     }
     let text = std::fs::read_to_string(&path).unwrap();

@@ -2,7 +2,6 @@
 //! given user, in its own PID and network namespaces and cgroups, inheriting no descriptor or
 //! environment; bad input is refused; nothing is left behind. Needs root (as the jailer does).
 
-use std::io::Write;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -685,20 +684,19 @@ fn cgroup_v2_limits_apply() {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
     }) else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "cgroup_v2_limits_apply did not run: no cgroup2 hierarchy is mounted"
-        );
+        airlock_tests::not_run("cgroup_v2_limits_apply", "no cgroup2 hierarchy is mounted");
         return;
     };
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     let have = |c: &str| controllers.split_whitespace().any(|x| x == c);
     if !have("memory") || !have("pids") {
-        let _ = writeln!(
-            std::io::stderr(),
-            "cgroup_v2_limits_apply did not run: the cgroup2 hierarchy at {} offers [{}], not memory and pids",
-            root.display(),
-            controllers.trim()
+        airlock_tests::not_run(
+            "cgroup_v2_limits_apply",
+            &format!(
+                "the cgroup2 hierarchy at {} offers [{}], not memory and pids",
+                root.display(),
+                controllers.trim()
+            ),
         );
         return;
     }

@@ -6,7 +6,6 @@
 //! `AIRLOCK_PASSTHROUGH_DEVICE=0000:41:00.0` picks the device; otherwise the first vfio-pci
 //! device check-host lists is used. The test never changes a device's driver binding.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use airlock_tests::{guest_config, host_report, repo_root, scratch_dir, VmmProces
 
 fn skip(why: &str) {
     // Straight to stderr: libtest captures print! of passing tests, and this line must be seen.
-    let _ = writeln!(std::io::stderr(), "pci passthrough test not run: {why}");
+    airlock_tests::not_run("passed_through_device_is_enumerated_by_a_linux_guest", why);
 }
 
 /// The device to pass, as (address, "vendor:device"), or why there is none.

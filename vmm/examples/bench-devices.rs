@@ -14,10 +14,11 @@ use std::time::Instant;
 use airlock_vmm::devices::virtio::block::Block;
 use airlock_vmm::devices::virtio::vsock::{PacketHeader, Vsock, HEADER_LEN};
 use airlock_vmm::devices::virtio::{Activation, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use airlock_vmm::vstate::memory::GuestMemoryMmap;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 #[path = "../src/devices/virtio/vsock_rig.rs"]
@@ -119,7 +120,7 @@ fn bench_block() {
     for i in 0..DISK >> 20 {
         file.write_all_at(&chunk, i << 20).unwrap();
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
     let mut blk = Block::new("bench", path.to_str().unwrap(), false).unwrap();
     let mut seed = 0x1234_5678_9abc_def0u64;
     let random: Vec<u64> = (0..65_536)
@@ -182,7 +183,7 @@ fn bench_vsock() {
             }
         }
     });
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RIG_MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RIG_MEM_SIZE)]).unwrap();
     let mut rig = VsockRig::new(&mem, Vsock::new(3, uds.to_str().unwrap()).unwrap());
     rig.send(header(1, 0), &[]);
     let resp = rig.receive(1);

@@ -90,13 +90,21 @@ impl NamespaceBackend {
             rec.id.clone(),
         );
         let (vcpus, mem, pids_max) = (rec.vcpus, rec.memory_mib, self.pids_max);
+        let gpu = crate::gpu::share(&rec.gpus, Path::new("/dev")).map_err(ApiError::BadRequest)?;
+        let device_rules = gpu.device_rules.clone();
         let dir2 = dir.clone();
         let cgroups = blocking(move || {
             for d in ["upper", "work", "root", "run"] {
                 std::fs::create_dir_all(dir2.join(d))
                     .map_err(|e| ApiError::internal("creating the sandbox directory", e))?;
             }
-            cgroup::create(&h, &parent, &id, vcpus, mem, pids_max)
+            let limits = cgroup::SandboxLimits {
+                vcpus,
+                memory_mib: mem,
+                pids_max,
+                extra_device_rules: &device_rules,
+            };
+            cgroup::create(&h, &parent, &id, &limits)
                 .map_err(|e| ApiError::internal("creating the sandbox's cgroups", e))
         })
         .await;
@@ -121,7 +129,7 @@ impl NamespaceBackend {
             jail_dir: None,
             tap: None,
         };
-        match self.launch(rec, &lower, &dir, &cgroups).await {
+        match self.launch(rec, &lower, &dir, &cgroups, &gpu).await {
             Ok((pid, start)) => {
                 rt.pid = pid;
                 rt.pid_start_time = start;
@@ -148,6 +156,7 @@ impl NamespaceBackend {
         lower: &Path,
         dir: &Path,
         cgroups: &SandboxCgroups,
+        gpu: &crate::gpu::GpuShare,
     ) -> Result<(i32, u64), ApiError> {
         // 90% of the sandbox's memory for user code, the rest for the agent.
         let user_mem = (rec.memory_mib << 20) / 10 * 9;
@@ -175,6 +184,8 @@ impl NamespaceBackend {
                 (self.pids_max.saturating_sub(64)).max(16).to_string(),
             ],
             tmp_size_mib: (rec.memory_mib / 2).max(16),
+            device_nodes: gpu.device_nodes.clone(),
+            ro_files: gpu.files.clone(),
         };
         let json = serde_json::to_string(&spec).expect("specs serialize");
         let out = tokio::time::timeout(

@@ -35,7 +35,9 @@ const API_SOCK: &str = "/run/api.sock";
 const VSOCK: &str = "/run/v.sock";
 const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 /// The VMM's own memory beside the guest's, for its cgroup limit.
-const VMM_OVERHEAD_MIB: u64 = 64;
+pub const VMM_OVERHEAD_MIB: u64 = 64;
+/// The VMM's tasks beside its vCPU threads, for its cgroup's pids.max.
+pub const VMM_BASE_PIDS: u64 = 16;
 
 pub struct VmBackend {
     pub state_dir: PathBuf,
@@ -299,16 +301,23 @@ impl VmBackend {
             .arg(self.cgroup_version.to_string())
             .arg("--new-pid-ns")
             .arg("--daemonize");
+        // The VMM's own threads (main, API, devices, a uffd handler, the deferred teardown) and
+        // one per vCPU: anything beyond that is not a VMM doing its job.
+        let pids = VMM_BASE_PIDS + u64::from(vcpus);
         if self.cgroup_version == 1 {
             cmd.arg("--cgroup")
                 .arg(format!("memory.limit_in_bytes={limit}"))
                 .arg("--cgroup")
-                .arg(format!("cpu.cfs_quota_us={quota}"));
+                .arg(format!("cpu.cfs_quota_us={quota}"))
+                .arg("--cgroup")
+                .arg(format!("pids.max={pids}"));
         } else {
             cmd.arg("--cgroup")
                 .arg(format!("memory.max={limit}"))
                 .arg("--cgroup")
-                .arg(format!("cpu.max={quota} 100000"));
+                .arg(format!("cpu.max={quota} 100000"))
+                .arg("--cgroup")
+                .arg(format!("pids.max={pids}"));
         }
         cmd.arg("--").arg("--api-sock").arg(API_SOCK);
         let out = tokio::time::timeout(
@@ -416,7 +425,29 @@ impl VmBackend {
                 }
                 vmm_ok(&api, Method::PUT, "/actions", serde_json::json!({"action_type": "InstanceStart"})).await?;
             }
-            wait_for_agent(&rt.agent.addr(), self.ready_timeout).await.map_err(ApiError::BadGateway)?;
+            // A guest that cannot boot ends its VMM (panic=1 reboot=k): say so at once rather
+            // than wait out the whole agent timeout.
+            let vmm_exited = async {
+                while crate::sys::process_alive(pid, start) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
+            let agent_addr = rt.agent.addr();
+            tokio::select! {
+                ready = wait_for_agent(&agent_addr, self.ready_timeout) => {
+                    ready.map_err(|e| {
+                        ApiError::BadGateway(format!(
+                            "{e} (airlockd --agent-ready-timeout-s sets this wait)"
+                        ))
+                    })?;
+                }
+                () = vmm_exited => {
+                    return Err(ApiError::BadGateway(format!(
+                        "the VMM (process {pid}) exited before the agent answered: the guest did not boot \
+                         (a kernel panic or a missing init reboots it)"
+                    )));
+                }
+            }
             if restore {
                 // A restored guest's clock and entropy are the template's: fix both.
                 let mut conn = AgentConn::connect(&rt.agent.addr(), Duration::from_secs(5)).await?;
@@ -455,7 +486,9 @@ impl VmBackend {
             None => None,
         };
         let same_shape = tpl.vcpus == rec.vcpus && tpl.memory_mib == rec.memory_mib;
-        let mode = if tpl.snapshot_state.is_some() && same_shape {
+        // A template's snapshot has no network device (templates are built without one), and a
+        // restore cannot add one: a sandbox with network cold-boots from the template's files.
+        let mode = if tpl.snapshot_state.is_some() && same_shape && tap.is_none() {
             BootMode::Restore { tpl }
         } else {
             BootMode::Cold { tpl }
@@ -586,7 +619,8 @@ impl VmBackend {
             .vmm_api_socket
             .clone()
             .ok_or_else(|| ApiError::Internal("no VMM API socket".into()))?;
-        let (state, mem) = ("/new-snapshot.state", "/new-snapshot.mem");
+        // Under /run, the one jail directory the jailed uid owns: the jail's root is root's.
+        let (state, mem) = ("/run/new-snapshot.state", "/run/new-snapshot.mem");
         vmm_ok(&api, Method::PUT, "/snapshot/create", serde_json::json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem})).await?;
         let (root, dir, tpl) = (root.to_path_buf(), dir.to_path_buf(), tpl.clone());
         blocking(move || {

@@ -5,12 +5,13 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::layout::*;
 
@@ -420,7 +421,7 @@ mod tests {
         elf[4] = ELF_CLASS_64;
         elf[18] = ELF_MACHINE_X86_64 as u8;
         let path = temp_file("trunc-elf", &elf[..40]);
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let err = load_kernel(&mem, &path).unwrap_err().to_string();
         assert!(err.contains("cannot load kernel"), "{err}");
         let _ = std::fs::remove_file(path);
@@ -462,7 +463,7 @@ mod tests {
 
     #[test]
     fn cmdline_and_zero_page_land_in_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let cmdline = build_cmdline("console=ttyS0 probe=boot").unwrap();
         write_boot_params(&mem, 4 << 20, &cmdline, None, None).unwrap();
         let mut buf = [0u8; 25];

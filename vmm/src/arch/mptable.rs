@@ -1,8 +1,10 @@
-//! The Intel MultiProcessor Specification 1.4 table, which tells Linux (and the test guest) how
-//! many vCPUs there are and where the IOAPIC is. Placed at the start of the EBDA, where Linux
-//! scans for the "_MP_" floating pointer.
+//! The Intel MultiProcessor Specification 1.4 table, which tells the test guest (and kernels built
+//! with CONFIG_X86_MPPARSE) how many vCPUs there are and where the IOAPIC is. Placed at the start of
+//! the EBDA, where Linux scans for the "_MP_" floating pointer. Every VM also gets ACPI tables
+//! with a MADT (`devices::pci::acpi`): Debian's cloud kernel reads only those.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_START, IO_APIC_DEFAULT_PHYS_BASE};
 

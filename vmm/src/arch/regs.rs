@@ -1,9 +1,10 @@
 //! Boot-time vCPU state for the Linux 64-bit entry: general registers, segments and paging, FPU,
 //! MSRs and the LAPIC's local interrupt pins.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{kvm_segment_from_gdt, BOOT_GDT};
 use super::layout::*;
@@ -202,7 +203,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_four_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPTE_START | 3);

@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::backend::VfioBackend;
 use super::device::{BarWindows, GuestMapper, VfioPciDevice};
@@ -261,6 +262,7 @@ pub fn write_pci_boot_tables(
         ioapic_id: ioapic_id(vcpu_count),
         mmio64: setup.mmio64,
         intx: setup.intx.clone(),
+        pci: true,
     };
     let rsdp = write_tables(mem, &layout).map_err(|e| e.to_string())?;
     patch_zero_page(mem, rsdp, &[(PCI_ECAM_BASE, PCI_ECAM_SIZE)]).map_err(|e| e.to_string())
@@ -297,7 +299,7 @@ mod tests {
 
     #[test]
     fn devices_go_on_the_bus_with_all_guest_memory_mapped_for_dma() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 1 << 20),
             (GuestAddress(1 << 32), 1 << 20),
         ])

@@ -1,5 +1,6 @@
 //! The KVM VM: memory slots, the in-kernel irqchip and PIT, interrupt lines.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -7,7 +8,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
@@ -184,15 +185,24 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    /// Pages written by the guest since the last call (or since dirty logging began), one bitmap
-    /// of 64-page words per memory slot. Reading the log also clears it.
+    /// Pages written since the last call (or since dirty logging began), one bitmap of 64-page
+    /// words per memory slot: KVM's log of what the vCPUs wrote, joined with the memory's own
+    /// bitmap of what the VMM's devices wrote (KVM does not see those). Reading clears both.
     pub fn dirty_bitmaps(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
         mem.iter()
             .enumerate()
             .map(|(slot, region)| {
-                self.fd
+                let mut words = self
+                    .fd
                     .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(|e| VmError::Kvm("read the dirty page log", e))
+                    .map_err(|e| VmError::Kvm("read the dirty page log", e))?;
+                // The mapping's own bitmap (the region's `bitmap()` is a slice view of it).
+                let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+                let by_devices = mapping.bitmap().get_and_reset();
+                for (word, device_word) in words.iter_mut().zip(by_devices) {
+                    *word |= device_word;
+                }
+                Ok(words)
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 //! Once Linux sees ACPI it takes CPUs and the IOAPIC from the MADT and ignores the MP table, and
 //! it scans PCI only through the host bridge in the DSDT, so everything the MP table said is here.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name,
     Package, Path, ResourceTemplate, Scope, IO,
@@ -15,7 +16,7 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_TABLES_SIZE, ACPI_TABLES_START, PCI_BUS_COUNT, PCI_CONFIG_IO_BASE, PCI_ECAM_BASE,
@@ -59,6 +60,23 @@ pub struct AcpiLayout {
     pub mmio64: (u64, u64),
     /// INTx routing: (PCI slot, GSI); every pin of the slot goes to that GSI.
     pub intx: Vec<(u8, u32)>,
+    /// Whether the VM has a PCI bus: without one there is no host bridge, ECAM or MCFG, and the
+    /// tables exist for the MADT (Debian's cloud kernel has no MP-table parser:
+    /// `CONFIG_X86_MPPARSE` is off, so only ACPI tells it about more than one vCPU).
+    pub pci: bool,
+}
+
+impl AcpiLayout {
+    /// The tables of a VM without PCI: the MADT, and the FADT and DSDT Linux expects with it.
+    pub fn without_pci(vcpu_count: u8, ioapic_id: u8) -> AcpiLayout {
+        AcpiLayout {
+            vcpu_count,
+            ioapic_id,
+            mmio64: (0, 0),
+            intx: vec![],
+            pci: false,
+        }
+    }
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -108,6 +126,7 @@ pub fn madt(vcpu_count: u8, ioapic_id: u8) -> Vec<u8> {
 /// and `\_SB.PS2K` (so Linux keeps the UART and the i8042 that the VMM emulates).
 pub fn dsdt_aml(layout: &AcpiLayout) -> Vec<u8> {
     let (m64_start, m64_len) = layout.mmio64;
+    let m64_len = m64_len.max(1);
     let bus = AddressSpace::<u16>::new_bus_number(0, u16::from(PCI_BUS_COUNT) - 1);
     let cfg_ports = IO::new(PCI_CONFIG_IO_BASE as u16, PCI_CONFIG_IO_BASE as u16, 1, 8);
     let io_low = AddressSpace::<u16>::new_io(0, (PCI_CONFIG_IO_BASE - 1) as u16, None);
@@ -180,7 +199,12 @@ pub fn dsdt_aml(layout: &AcpiLayout) -> Vec<u8> {
     let kbd_crs_name = Name::new("_CRS".into(), &kbd_crs);
     let ps2 = Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs_name]);
 
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&pci0, &mres, &com1, &ps2]);
+    let devices: Vec<&dyn Aml> = if layout.pci {
+        vec![&pci0, &mres, &com1, &ps2]
+    } else {
+        vec![&com1, &ps2]
+    };
+    let sb = Scope::new(Path::new("\\_SB_"), devices);
     aml_bytes(&sb)
 }
 
@@ -209,15 +233,15 @@ pub fn build_tables(layout: &AcpiLayout, base: u64) -> Result<Vec<u8>, AcpiError
     out.extend_from_slice(&madt(layout.vcpu_count, layout.ioapic_id));
     align(&mut out);
 
-    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    mcfg.add_ecam(PCI_ECAM_BASE, 0, 0, PCI_BUS_COUNT - 1);
-    let mcfg_addr = base + out.len() as u64;
-    out.extend_from_slice(&aml_bytes(&mcfg));
-    align(&mut out);
-
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for addr in [fadt_addr, madt_addr, mcfg_addr] {
-        xsdt.add_entry(addr);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    if layout.pci {
+        let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.add_ecam(PCI_ECAM_BASE, 0, 0, PCI_BUS_COUNT - 1);
+        xsdt.add_entry(base + out.len() as u64);
+        out.extend_from_slice(&aml_bytes(&mcfg));
+        align(&mut out);
     }
     let xsdt_addr = base + out.len() as u64;
     out.extend_from_slice(&aml_bytes(&xsdt));
@@ -290,6 +314,7 @@ mod tests {
             ioapic_id: 3,
             mmio64: (64 << 30, 512 << 30),
             intx: vec![(1, 23)],
+            pci: true,
         }
     }
 
@@ -322,6 +347,24 @@ mod tests {
             out.push((t[0..4].try_into().unwrap(), t));
         }
         out
+    }
+
+    /// A VM without PCI still gets its vCPUs in a MADT (and the FADT and DSDT that come with
+    /// it), with no host bridge, ECAM or MCFG.
+    #[test]
+    fn tables_without_pci_describe_cpus_only() {
+        let base = ACPI_TABLES_START;
+        let bytes = build_tables(&AcpiLayout::without_pci(4, 5), base).unwrap();
+        let ts = tables(&bytes, base);
+        let names: Vec<&[u8; 4]> = ts.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec![b"FACP", b"APIC"]);
+        assert_eq!(ts[1].1, madt(4, 5));
+        let dsdt_addr = u64_at(&ts[0].1, 140);
+        let o = (dsdt_addr - base) as usize;
+        let dsdt = &bytes[o..o + u32_at(&bytes, o + 4) as usize];
+        let has = |name: &[u8]| dsdt.windows(name.len()).any(|w| w == name);
+        assert!(has(b"COM1") && has(b"PS2K"));
+        assert!(!has(b"PCI0") && !has(b"MRES"));
     }
 
     #[test]
@@ -389,7 +432,7 @@ mod tests {
 
     #[test]
     fn zero_page_gets_the_rsdp_and_reserved_ranges() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let zp = GuestAddress(ZERO_PAGE_START);
         mem.write_obj(2u8, zp.unchecked_add_raw(BP_E820_ENTRIES))
             .unwrap();

@@ -3,11 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::block::Block;
 use super::mmio::{

@@ -7,9 +7,10 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 

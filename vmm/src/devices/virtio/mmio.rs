@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{Activation, IrqLine, QueueSnapshot, SharedDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::{lock, BusDevice, VmExitRequest};

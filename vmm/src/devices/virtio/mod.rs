@@ -13,9 +13,9 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -218,7 +218,8 @@ pub fn drain_queue(
 
 #[cfg(test)]
 pub(crate) mod test_utils {
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use crate::vstate::memory::GuestMemoryMmap;
+    use vm_memory::GuestAddress;
 
     pub fn guest_memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()

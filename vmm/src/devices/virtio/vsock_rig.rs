@@ -12,7 +12,9 @@ use event_manager::{EventManager, SubscriberOps};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+// Spelled out, not `crate::vstate::memory::GuestMemoryMmap`: the device benchmark includes this file too.
+type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
