@@ -258,17 +258,6 @@ pub fn build_and_boot(
     if let Some(p) = &pci {
         crate::vfio::attach::write_pci_boot_tables(&memory.mem, p, vcpu_count)
             .map_err(StartError::Device)?;
-    } else {
-        // ACPI for every VM, not only those with PCI: a kernel without an MP-table parser (Debian's
-        // cloud kernel) finds its vCPUs and the IOAPIC only in the MADT.
-        let layout = crate::devices::pci::acpi::AcpiLayout::without_pci(
-            vcpu_count,
-            crate::arch::mptable::ioapic_id(vcpu_count),
-        );
-        let rsdp = crate::devices::pci::acpi::write_tables(&memory.mem, &layout)
-            .map_err(|e| StartError::Device(e.to_string()))?;
-        crate::devices::pci::acpi::patch_zero_page(&memory.mem, rsdp, &[])
-            .map_err(|e| StartError::Device(e.to_string()))?;
     }
     let mmio = Arc::new(devices.mmio);
     let seccomp_role = if pci.as_ref().is_some_and(|p| p.has_passthrough()) {

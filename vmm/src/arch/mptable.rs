@@ -1,7 +1,7 @@
 //! The Intel MultiProcessor Specification 1.4 table, which tells the test guest (and kernels built
 //! with CONFIG_X86_MPPARSE) how many vCPUs there are and where the IOAPIC is. Placed at the start of
-//! the EBDA, where Linux scans for the "_MP_" floating pointer. Every VM also gets ACPI tables
-//! with a MADT (`devices::pci::acpi`): Debian's cloud kernel reads only those.
+//! the EBDA, where Linux scans for the "_MP_" floating pointer. Debian's cloud kernel reads only
+//! ACPI's MADT, which VMs with PCI get (`devices::pci::acpi`); see the README's open bug.
 
 use crate::vstate::memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
