@@ -168,6 +168,52 @@ fn bind(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("binding {} on {}: {e}", from.display(), to.display()))
 }
 
+/// Opens (creating, never truncating) the regular file `inside` (absolute, plain components)
+/// below `root`, making its directories, without following a symbolic link anywhere: a link a
+/// tenant planted in the path is refused by name instead of leading to a host file.
+pub fn create_beneath(root: &Path, inside: &str) -> Result<std::os::fd::OwnedFd, String> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let rel = inside.trim_start_matches('/');
+    let parts: Vec<&str> = rel.split('/').collect();
+    if rel.is_empty()
+        || parts
+            .iter()
+            .any(|c| *c == ".." || *c == "." || c.is_empty())
+    {
+        return Err(format!("{inside:?}: not a plain absolute path"));
+    }
+    let refuse = |e: nix::Error| {
+        if e == nix::Error::ELOOP || e == nix::Error::ENOTDIR {
+            format!(
+                "{inside:?} below {}: a component is a symbolic link or not a directory",
+                root.display()
+            )
+        } else {
+            format!("{inside:?} below {}: {e}", root.display())
+        }
+    };
+    let dir_flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let mut dir = open(root, dir_flags, Mode::empty()).map_err(refuse)?;
+    let Some((file, dirs)) = parts.split_last() else {
+        return Err(format!("{inside:?}: not a plain absolute path"));
+    };
+    for name in dirs {
+        match mkdirat(&dir, *name, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(e) => return Err(refuse(e)),
+        }
+        dir = openat(&dir, *name, dir_flags, Mode::empty()).map_err(refuse)?;
+    }
+    openat(
+        &dir,
+        *file,
+        OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(refuse)
+}
+
 fn mkdirs(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
 }
@@ -262,20 +308,11 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         bind(node, &target)?;
     }
     for (host, inside) in &spec.ro_files {
-        let rel = inside.trim_start_matches('/');
-        if rel.is_empty()
-            || rel
-                .split('/')
-                .any(|c| c == ".." || c == "." || c.is_empty())
-        {
-            return Err(format!("{inside:?}: not a plain absolute path"));
-        }
-        let target = root.join(rel);
-        if let Some(parent) = target.parent() {
-            mkdirs(parent)?;
-        }
-        std::fs::File::create(&target)
-            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        // The root may be a tenant's tree (a fork's template is a sandbox's files): the mount
+        // point is made without following any symbolic link, so the path below has none (and
+        // nothing runs in the sandbox yet that could plant one).
+        drop(create_beneath(root, inside)?);
+        let target = root.join(inside.trim_start_matches('/'));
         bind(host, &target)?;
         mnt(
             none,
@@ -407,4 +444,37 @@ fn drop_capabilities(own_netns: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The GPU driver's mount points are made in a tree a tenant may have shaped: a symbolic
+    /// link anywhere on the path is refused, and nothing outside is created or truncated.
+    #[test]
+    fn create_beneath_refuses_planted_links_and_never_truncates() {
+        let root = std::env::temp_dir().join(format!("airlock-beneath-{}", std::process::id()));
+        let outside = root.with_extension("outside");
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&outside);
+        std::fs::create_dir_all(root.join("usr")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"keep").unwrap();
+        // A link as a directory on the path, and as the file itself.
+        std::os::unix::fs::symlink(&outside, root.join("usr/local")).unwrap();
+        let e = super::create_beneath(&root, "/usr/local/secret").unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::create_dir_all(root.join("opt")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("opt/lib.so")).unwrap();
+        assert!(super::create_beneath(&root, "/opt/lib.so").is_err());
+        assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"keep");
+        assert!(!outside.join("lib.so").exists());
+        // A plain path is made, directories included; an existing file is kept whole.
+        super::create_beneath(&root, "/a/b/c.so").unwrap();
+        std::fs::write(root.join("a/b/c.so"), b"data").unwrap();
+        super::create_beneath(&root, "/a/b/c.so").unwrap();
+        assert_eq!(std::fs::read(root.join("a/b/c.so")).unwrap(), b"data");
+        assert!(super::create_beneath(&root, "/a/../x").is_err());
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&outside);
+    }
 }
