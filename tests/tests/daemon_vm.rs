@@ -310,18 +310,7 @@ fn vm_backend_end_to_end() {
         );
         assert_eq!(out.code, Some(0), "{text}");
         // The guest's clock is the host's (set after the restore).
-        let guest_now: u64 = String::from_utf8_lossy(&sh(&c, &id, "date +%s").await.stdout)
-            .trim()
-            .parse()
-            .unwrap();
-        let host_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        assert!(
-            host_now.abs_diff(guest_now) <= 10,
-            "guest clock {guest_now}, host {host_now}"
-        );
+        assert_clock_is_the_hosts(&c, &id).await;
 
         // Files: mkdir, upload, download, stat, list, remove.
         let (s, _) = checked(
@@ -486,18 +475,7 @@ fn vm_backend_end_to_end() {
                     .await
                     .stdout,
             );
-            let guest_now: u64 = String::from_utf8_lossy(&sh(&c, fid, "date +%s").await.stdout)
-                .trim()
-                .parse()
-                .unwrap();
-            let host_now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            assert!(
-                host_now.abs_diff(guest_now) <= 10,
-                "fork clock {guest_now}, host {host_now}"
-            );
+            assert_clock_is_the_hosts(&c, fid).await;
         }
         assert_ne!(
             randoms[0], randoms[1],
@@ -801,6 +779,22 @@ fn vm_failures_are_reported_and_nothing_leaks() {
             .collect();
         assert!(left.is_empty(), "VMM processes left: {left:?}");
     });
+}
+
+/// A restored VM's clock is set from the host's: within 10 s of it.
+async fn assert_clock_is_the_hosts(c: &DaemonClient, id: &str) {
+    let guest_now: u64 = String::from_utf8_lossy(&sh(c, id, "date +%s").await.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        host_now.abs_diff(guest_now) <= 10,
+        "{id}: guest clock {guest_now}, host {host_now}"
+    );
 }
 
 /// The VM generation register (MMIO 0xd0000010, 16 bytes, new and random after every restore),
