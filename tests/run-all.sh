@@ -47,7 +47,11 @@ cargo_not_run=$(grep -c 'NOT RUN ' "$logs/cargo-test.log" || true)
 read -r lab_passed lab_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ {p = $1; f = $3} END {print p + 0, f + 0}' "$logs/lab.log")
 echo
 echo "tests that did not run, and why:"
-grep -h -o 'NOT RUN .*' "$logs/cargo-test.log" "$logs/lab.log" | sed 's/^NOT RUN /  /' | sort -u || echo "  (none)"
+{
+    grep -h -o 'NOT RUN .*' "$logs/cargo-test.log" "$logs/lab.log" | sed 's/^NOT RUN /  /'
+    # #[ignore]d tests, with the reason libtest prints after "ignored, ".
+    grep -h -o '^test [^ ]* \.\.\. ignored.*' "$logs/cargo-test.log" | sed 's/^test \([^ ]*\) \.\.\. ignored,* */  \1: ignored: /'
+} | sort -u | grep . || echo "  (none)"
 for s in "${failed_steps[@]}"; do echo "failed: $s"; done
 passed=$((cargo_passed - cargo_not_run + lab_passed))
 failed=$((cargo_failed + lab_failed))
