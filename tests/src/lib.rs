@@ -184,17 +184,32 @@ impl VmmProcess {
     /// Waits for the VMM to exit and its output to be read; panics with everything it printed if
     /// it does not exit in time.
     pub fn finish(&mut self, timeout: Duration) -> (ExitStatus, Vec<String>, String) {
-        let status = self.wait_exit(timeout);
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(20));
-        let console = self.console.lock().unwrap().clone();
-        let stderr = self.stderr.lock().unwrap().clone();
+        let (status, console, stderr) = self.finish_or_kill(timeout);
         let Some(status) = status else {
             panic!(
                 "airlock-vmm did not exit within {timeout:?}\nconsole:\n{}\nstderr:\n{stderr}",
                 console.join("\n")
             );
         };
+        (status, console, stderr)
+    }
+
+    /// Waits for the VMM to exit and its output to be read; kills it if it does not exit in time
+    /// (then the status is `None`). For tests where a VMM that never stops is an answer, not a
+    /// failure: a guest that cannot boot on this host.
+    pub fn finish_or_kill(
+        &mut self,
+        timeout: Duration,
+    ) -> (Option<ExitStatus>, Vec<String>, String) {
+        let status = self.wait_exit(timeout);
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Let the reader threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(20));
+        let console = self.console.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
         (status, console, stderr)
     }
 }

@@ -36,7 +36,9 @@ fn linux_bzimage() -> PathBuf {
 
 /// Boots the bzImage with no root filesystem on `vcpus` vCPUs: the kernel brings up every vCPU,
 /// then panics looking for root, and panic=-1 reboot=k make it reboot through the i8042, which
-/// stops the VMM with exit 0. Returns (exit success, console, stderr).
+/// stops the VMM with exit 0. Returns (exit success, console, stderr); a VMM still running after
+/// `limit` is killed and counts as a failed boot (on a paravirtual KVM the guest can spin with
+/// no console output at all).
 fn boot_to_root_panic(vcpus: u32, limit: Duration) -> (bool, String, String) {
     let dir = scratch_dir("linux");
     let config = dir.join("vm.json");
@@ -51,9 +53,18 @@ fn boot_to_root_panic(vcpus: u32, limit: Duration) -> (bool, String, String) {
     )
     .unwrap();
     let mut vmm = VmmProcess::spawn(&["--no-api", "--config-file", config.to_str().unwrap()]);
-    let (status, console, stderr) = vmm.finish(limit);
+    let (status, console, mut stderr) = vmm.finish_or_kill(limit);
     let _ = std::fs::remove_dir_all(dir);
-    (status.success(), console.join("\n"), stderr)
+    if status.is_none() {
+        stderr.push_str(&format!(
+            "(airlock-vmm did not exit within {limit:?}; killed)\n"
+        ));
+    }
+    (
+        status.is_some_and(|s| s.success()),
+        console.join("\n"),
+        stderr,
+    )
 }
 
 /// The probe and a real boot must agree: check-host's "yes" is only right if Debian's kernel
