@@ -23,7 +23,8 @@ fi
 
 work=$(mktemp -d)
 export AIRLOCK_SOCKET="$work/airlockd.sock"
-airlockd --backend "$backend" --socket "$AIRLOCK_SOCKET" --state-dir "$work/state" 2>"$work/airlockd.log" &
+airlockd --backend "$backend" --socket "$AIRLOCK_SOCKET" --state-dir "$work/state" \
+    --image-dir "$PWD/images/out" 2>"$work/airlockd.log" &
 daemon=$!
 cleanup() {
     kill "$daemon" 2>/dev/null || true

@@ -23,6 +23,12 @@ pub struct Limits {
     pub max_upload_bytes: u64,
     /// Non-live records kept for `GET` (oldest dropped first).
     pub max_ended_records: usize,
+    /// vm backend: API clients may run commands and file operations as uid/gid 0 (root inside
+    /// the guest, never on the host). `airlockd --allow-guest-root`.
+    pub allow_guest_root: bool,
+    /// Templates are built only from images below these directories (canonical paths);
+    /// `airlockd --image-dir`, default `<state-dir>/images`.
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl Default for Limits {
@@ -34,6 +40,8 @@ impl Default for Limits {
             max_request_bytes: 1 << 20,
             max_upload_bytes: 1 << 30,
             max_ended_records: 1000,
+            allow_guest_root: false,
+            image_dirs: Vec::new(),
         }
     }
 }
@@ -94,6 +102,60 @@ pub struct Daemon {
     pub started: Instant,
 }
 
+/// The identity policy (api/README.md, "Who commands run as"): which uid and gid an API client
+/// may ask a command or a file operation to run as. Unset means the sandbox user (uid 1000).
+/// Any unprivileged id is allowed. 0 is refused in the namespace backend, where a sandbox's root
+/// would be the host's root (there is no user namespace per sandbox), and in the vm backend
+/// unless the operator allows root inside guests.
+pub fn check_identity(
+    backend: BackendKind,
+    allow_guest_root: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), ApiError> {
+    let asks_root = uid == Some(0) || gid == Some(0);
+    if !asks_root {
+        return Ok(());
+    }
+    match backend {
+        BackendKind::Namespace => Err(ApiError::Forbidden(
+            "uid/gid 0 is refused in the namespace backend: a sandbox's root there would be the \
+             host's root. Run as the sandbox user (leave uid unset) or another unprivileged id"
+                .into(),
+        )),
+        BackendKind::Vm if !allow_guest_root => Err(ApiError::Forbidden(
+            "uid/gid 0 (root inside the guest) is refused: airlockd runs without \
+             --allow-guest-root. Run as the sandbox user (leave uid unset) or another \
+             unprivileged id"
+                .into(),
+        )),
+        BackendKind::Vm => Ok(()),
+    }
+}
+
+/// An image directory a template may be built from: `image` with its links resolved, when it
+/// lies below one of the operator's image directories. Any other host path is refused (a client
+/// once built a template from an arbitrary host directory and downloaded root-only files).
+pub fn served_image(image: &Path, image_dirs: &[PathBuf]) -> Result<PathBuf, ApiError> {
+    let real = image
+        .canonicalize()
+        .map_err(|e| ApiError::BadRequest(format!("image {}: {e}", image.display())))?;
+    if image_dirs.iter().any(|dir| real.starts_with(dir)) {
+        return Ok(real);
+    }
+    let served: Vec<String> = image_dirs.iter().map(|d| d.display().to_string()).collect();
+    Err(ApiError::Forbidden(format!(
+        "image {} is not below an image directory this daemon serves ({}); the operator adds \
+         directories with airlockd --image-dir",
+        image.display(),
+        if served.is_empty() {
+            "none".to_string()
+        } else {
+            served.join(", ")
+        }
+    )))
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     // SAFETY: getrandom writes at most buf.len() bytes into the buffer we own.
@@ -102,6 +164,11 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Daemon {
+    /// [`check_identity`] under this daemon's backend and flags.
+    pub fn check_identity(&self, uid: Option<u32>, gid: Option<u32>) -> Result<(), ApiError> {
+        check_identity(self.backend.kind(), self.limits.allow_guest_root, uid, gid)
+    }
+
     /// Opens the state dir and loads templates and sandbox records (call
     /// [`Daemon::recover`] next).
     pub fn open(state_dir: &Path, backend: Backend, limits: Limits) -> Result<Daemon, String> {
@@ -619,7 +686,7 @@ impl Daemon {
     /// once to check that its agent comes up.
     pub async fn create_template(
         &self,
-        req: CreateTemplateRequest,
+        mut req: CreateTemplateRequest,
         progress: Progress,
     ) -> Result<TemplateRecord, ApiError> {
         if !req.image.is_absolute() || !req.image.is_dir() {
@@ -628,6 +695,7 @@ impl Daemon {
                 req.image.display()
             )));
         }
+        req.image = served_image(&req.image, &self.limits.image_dirs)?;
         if let Some(v) = req.vcpus {
             if v == 0 || v > self.limits.max_vcpus {
                 return Err(ApiError::BadRequest(format!(
@@ -876,5 +944,53 @@ impl Daemon {
             tokio::time::sleep(every).await;
             self.monitor_once().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    /// Row 1 of issue 13: `exec --uid 0` ran as host root in the namespace backend.
+    #[test]
+    fn root_is_refused_where_it_would_be_host_root_or_not_allowed() {
+        let ns = BackendKind::Namespace;
+        assert!(check_identity(ns, true, Some(0), None).is_err());
+        assert!(check_identity(ns, true, None, Some(0)).is_err());
+        assert!(check_identity(ns, false, Some(1000), Some(1000)).is_ok());
+        assert!(check_identity(ns, false, None, None).is_ok());
+        let vm = BackendKind::Vm;
+        let refused = check_identity(vm, false, Some(0), Some(0)).unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::FORBIDDEN);
+        assert!(
+            refused.to_string().contains("--allow-guest-root"),
+            "{refused}"
+        );
+        assert!(check_identity(vm, true, Some(0), Some(0)).is_ok());
+        assert!(check_identity(vm, false, Some(65534), None).is_ok());
+    }
+
+    /// Row 5 of issue 13: any host directory with bin/ was accepted as an image.
+    #[test]
+    fn templates_come_only_from_served_image_dirs() {
+        let base = std::env::temp_dir().join(format!("airlock-images-{}", std::process::id()));
+        let served = base.join("served");
+        let elsewhere = base.join("elsewhere");
+        std::fs::create_dir_all(served.join("img/bin")).unwrap();
+        std::fs::create_dir_all(elsewhere.join("bin")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, served.join("link")).unwrap();
+        let dirs = vec![served.canonicalize().unwrap()];
+        assert_eq!(
+            served_image(&served.join("img"), &dirs).unwrap(),
+            dirs[0].join("img")
+        );
+        let refused = served_image(&elsewhere, &dirs).unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::FORBIDDEN);
+        assert!(refused.to_string().contains("--image-dir"), "{refused}");
+        // A link inside a served directory that leads out of it is refused too.
+        assert!(served_image(&served.join("link"), &dirs).is_err());
+        assert!(served_image(Path::new("/etc"), &[]).is_err());
+        assert!(served_image(&served.join("img/../../elsewhere"), &dirs).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -6,7 +6,8 @@
 //! 3. forks: the child is PID 1 of the new PID namespace; the parent prints its host PID once
 //!    the child has exec'd the agent (or the child's error), and exits;
 //! 4. the child makes every mount private, mounts an overlay (template rootfs below, the
-//!    sandbox's own upper directory above) and inside it: a fresh /proc, a /dev tmpfs with a
+//!    sandbox's own upper directory above) and inside it: a fresh /proc (its /proc/sys and
+//!    other kernel knobs read-only, a few host-wide files hidden), a /dev tmpfs with a
 //!    few device nodes bound in and its own devpts, a read-only /sys tmpfs holding only the
 //!    sandbox's own cgroup directories, a /tmp tmpfs, and /run/airlock (the agent's socket
 //!    directory, shared with the host);
@@ -214,6 +215,57 @@ pub fn create_beneath(root: &Path, inside: &str) -> Result<std::os::fd::OwnedFd,
     .map_err(refuse)
 }
 
+/// The host kernel's knobs in the sandbox's /proc: read-only, and a few host-wide files hidden,
+/// as container runtimes do. A writable /proc/sys let a sandbox set `kernel.core_pattern` to its
+/// own script, which the host kernel then ran as host root (issue 13, row 1).
+const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
+const PROC_HIDDEN_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+];
+const PROC_HIDDEN_DIRS: &[&str] = &["acpi", "scsi"];
+
+fn harden_proc(proc: &Path) -> Result<(), String> {
+    let none = None::<&str>;
+    let ro = MsFlags::MS_REMOUNT
+        | MsFlags::MS_BIND
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    // Paths inside a fresh procfs are the kernel's: no tenant link can be among them.
+    for name in PROC_READ_ONLY {
+        let target = proc.join(name);
+        if target.symlink_metadata().is_err() {
+            continue; // not in this kernel
+        }
+        bind(&target, &target)?;
+        mnt(none, &target, none, ro, none)?;
+    }
+    for name in PROC_HIDDEN_FILES {
+        let target = proc.join(name);
+        if target.symlink_metadata().is_ok() {
+            bind(Path::new("/dev/null"), &target)?;
+        }
+    }
+    for name in PROC_HIDDEN_DIRS {
+        let target = proc.join(name);
+        if target.is_dir() {
+            mnt(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=4k"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn mkdirs(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
 }
@@ -266,6 +318,7 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         nosuid_nodev_noexec,
         none,
     )?;
+    harden_proc(&root.join("proc"))?;
 
     // /dev: a small tmpfs with the host's harmless nodes bound in, and a devpts of its own.
     let dev = root.join("dev");

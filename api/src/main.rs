@@ -63,6 +63,15 @@ struct Args {
     /// ample on hardware KVM; nested or emulated hosts (the test lab) need minutes.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     agent_ready_timeout_s: u64,
+    /// vm backend: let API clients run commands as uid/gid 0, root inside the guest (never on
+    /// the host). Off by default. The namespace backend always refuses uid/gid 0: there a
+    /// sandbox's root would be the host's root.
+    #[arg(long)]
+    allow_guest_root: bool,
+    /// A directory whose images (each a subdirectory) templates may be built from; repeat for
+    /// more. Default: <state-dir>/images. Any other host path is refused.
+    #[arg(long = "image-dir")]
+    image_dirs: Vec<PathBuf>,
     /// How often the monitor checks for dead sandboxes and timeouts, ms.
     #[arg(long, default_value_t = 250)]
     monitor_interval_ms: u64,
@@ -126,6 +135,14 @@ fn run(args: Args) -> Result<(), String> {
         .state_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
+    // Only root may enter the state dir: sandboxes' files live in it, and a setuid program a
+    // tenant left in its upper directory must not be runnable by other host users (issue 13,
+    // row 6). Jailed VMMs do not need it: they see only their chroot.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make {} private: {e}", state_dir.display()))?;
+    }
     let backend = match args.backend {
         BackendKind::Namespace => Backend::Namespace(NamespaceBackend::new(
             state_dir.clone(),
@@ -156,12 +173,30 @@ fn run(args: Args) -> Result<(), String> {
             Backend::Vm(b)
         }
     };
+    let mut image_dirs = Vec::new();
+    let wanted = if args.image_dirs.is_empty() {
+        vec![state_dir.join("images")]
+    } else {
+        args.image_dirs.clone()
+    };
+    if args.image_dirs.is_empty() {
+        std::fs::create_dir_all(&wanted[0])
+            .map_err(|e| format!("cannot create {}: {e}", wanted[0].display()))?;
+    }
+    for dir in wanted {
+        image_dirs.push(
+            dir.canonicalize()
+                .map_err(|e| format!("image directory {}: {e}", dir.display()))?,
+        );
+    }
     let limits = Limits {
         max_sandboxes: args.max_sandboxes.max(1),
         max_vcpus: args.max_vcpus.max(1),
         max_memory_mib: args.max_memory_mib.max(32),
         max_request_bytes: args.max_request_bytes.max(1024),
         max_upload_bytes: args.max_upload_bytes,
+        allow_guest_root: args.allow_guest_root,
+        image_dirs,
         ..Limits::default()
     };
     let daemon = Daemon::open(&state_dir, backend, limits)?;

@@ -1,7 +1,8 @@
 //! The seccomp filter of namespace-backend sandboxes: installed by the launcher just before it
 //! execs the agent, so the agent and all user code run under it. A deny-list in the spirit of
 //! Docker's default profile: everything that reaches the host kernel's global state
-//! (modules, clocks, mounts, keyrings, BPF, perf, new namespaces) fails with EPERM; 32-bit and
+//! (modules, clocks, mounts, keyrings, BPF, perf, new namespaces, io_uring, personality,
+//! vsock sockets) fails with EPERM; 32-bit and
 //! x32 system calls are refused; `clone3` answers ENOSYS so libc falls back to `clone`, whose
 //! namespace flags are checked.
 
@@ -66,7 +67,17 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_ioperm, "ioperm"),
     (libc::SYS_vhangup, "vhangup"),
     (libc::SYS_uselib, "uselib"),
+    // A large attack surface of its own, which sandboxed code does not need (issue 13, row 11).
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    // Execution domains (READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE, ...) weaken the sandbox's own
+    // defenses and reach old kernel paths.
+    (libc::SYS_personality, "personality"),
 ];
+
+/// `AF_VSOCK`: a namespace sandbox has no vsock device of its own; the host's is refused.
+const AF_VSOCK: u32 = 40;
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -102,6 +113,12 @@ pub fn program() -> Vec<libc::sock_filter> {
         p.push(jump(JEQ_K, *nr as u32, 0, 1));
         p.push(stmt(RET_K, eperm));
     }
+    // socket: refuse the vsock family (its first argument).
+    p.push(jump(JEQ_K, libc::SYS_socket as u32, 0, 4));
+    p.push(stmt(LD_W_ABS, OFF_ARG0));
+    p.push(jump(JEQ_K, AF_VSOCK, 0, 1));
+    p.push(stmt(RET_K, eperm));
+    p.push(stmt(RET_K, SECCOMP_RET_ALLOW));
     p.push(jump(JEQ_K, libc::SYS_clone3 as u32, 0, 1));
     p.push(stmt(RET_K, enosys));
     // clone: refuse namespace flags in its first argument (the low 32 bits hold them).
@@ -201,5 +218,18 @@ mod tests {
             eperm
         );
         assert_eq!(run(&p, 0x4000_0003, 3, 0), SECCOMP_RET_KILL_PROCESS);
+        // Issue 13, row 11: io_uring, personality and vsock sockets are refused; other
+        // sockets are not.
+        assert_eq!(run(&p, x86, libc::SYS_io_uring_setup as u32, 8), eperm);
+        assert_eq!(run(&p, x86, libc::SYS_personality as u32, 0), eperm);
+        assert_eq!(run(&p, x86, libc::SYS_socket as u32, AF_VSOCK), eperm);
+        assert_eq!(
+            run(&p, x86, libc::SYS_socket as u32, libc::AF_UNIX as u32),
+            allow
+        );
+        assert_eq!(
+            run(&p, x86, libc::SYS_socket as u32, libc::AF_INET as u32),
+            allow
+        );
     }
 }

@@ -767,6 +767,7 @@ async fn exec(
 ) -> Result<Response<Body>, ApiError> {
     let body: ExecRequest = read_json(req, d.limits.max_request_bytes).await?;
     let stdin = stdin_bytes(&body)?;
+    d.check_identity(body.uid, body.gid)?;
     let (sb, rt) = d.running(id)?;
     let spec = agent_spec(&sb.record().env, &body, stdin.is_some())?;
     let (sb, mut conn) = d.agent(&sb.id).await?;
@@ -855,6 +856,7 @@ async fn start_process(
 ) -> Result<Response<Body>, ApiError> {
     let body: ExecRequest = read_json(req, d.limits.max_request_bytes).await?;
     let stdin = stdin_bytes(&body)?;
+    d.check_identity(body.uid, body.gid)?;
     let (sb, rt) = d.running(id)?;
     let spec = agent_spec(&sb.record().env, &body, stdin.is_some() || body.open_stdin)?;
     let (_, mut conn) = d.agent(id).await?;

@@ -274,57 +274,58 @@ impl UserCgroup {
         &self.procs_files
     }
 
-    /// Pids now in the user cgroup.
+    /// Pids now in the user cgroup, its per-process children included.
     pub fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.dirs[0].join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        tree_pids(&self.dirs[0])
+    }
+
+    /// Makes the cgroup of one started process: a child of the user cgroup (in the pids
+    /// hierarchy on v1, which is where membership is tracked), so that everything the process
+    /// starts, in its own session or not, is found and killed with it (issue 13, rows 4 and 10).
+    /// The user cgroup's limits still bound it. Returns the directory and the `cgroup.procs`
+    /// files the new process joins (the per-process one instead of the user cgroup's pids one).
+    pub fn process_cgroup(&self, name: &str) -> std::io::Result<ProcessCgroup> {
+        let dir = self.dirs[0].join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let mut procs = self.procs_files.clone();
+        procs[0] = CString::new(
+            dir.join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(ProcessCgroup {
+            dir,
+            version: self.version,
+            procs_files: procs,
+        })
     }
 
     /// Kills every process in the user cgroup and waits (up to `timeout`) until it is empty.
     /// Returns how many kill(2) calls were made (v2 with `cgroup.kill` counts the pids seen).
     pub fn kill_all(&self, timeout: Duration) -> std::io::Result<usize> {
-        let deadline = Instant::now() + timeout;
-        let mut killed = 0;
-        let cgroup_kill = self.dirs[0].join("cgroup.kill");
-        let use_cgroup_kill = self.version == CgroupVersion::V2 && cgroup_kill.exists();
-        loop {
-            let pids = self.pids();
-            if pids.is_empty() {
-                return Ok(killed);
-            }
-            if use_cgroup_kill {
-                std::fs::write(&cgroup_kill, "1")?;
-                killed += pids.len();
-            } else {
-                for pid in pids {
-                    // Sending to a pid that just exited is harmless (ESRCH).
-                    if nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    )
-                    .is_ok()
-                    {
-                        killed += 1;
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("user cgroup still not empty after {timeout:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        kill_tree(&self.dirs[0], self.version, timeout)
+    }
+    /// Removes the (emptied) cgroup directories; best effort, at shutdown.
+    pub fn remove(&self) {
+        self.remove_process_cgroups();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
-    /// Removes the (emptied) cgroup directories; best effort, at shutdown.
-    pub fn remove(&self) {
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir(dir);
+    /// Removes the per-process cgroups that are empty (those of processes that ended).
+    pub fn remove_process_cgroups(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dirs[0]) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
         }
     }
 
@@ -339,6 +340,96 @@ impl UserCgroup {
             memory_max: self.memory_max,
             pids_current,
         }
+    }
+}
+
+/// Every pid in `dir` and the cgroups below it (`cgroup.procs` lists only a cgroup's own).
+fn tree_pids(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids
+}
+
+/// SIGKILLs everything in `dir` and below until it is empty, at most `timeout`. A fork bomb
+/// cannot outrun it: every pass kills what is there, and the cgroup's pids limit bounds how
+/// many new ones can appear between passes; `cgroup.kill` (v2) is atomic anyway.
+fn kill_tree(dir: &Path, version: CgroupVersion, timeout: Duration) -> std::io::Result<usize> {
+    let deadline = Instant::now() + timeout;
+    let mut killed = 0;
+    let cgroup_kill = dir.join("cgroup.kill");
+    let use_cgroup_kill = version == CgroupVersion::V2 && cgroup_kill.exists();
+    loop {
+        let pids = tree_pids(dir);
+        if pids.is_empty() {
+            return Ok(killed);
+        }
+        if use_cgroup_kill {
+            std::fs::write(&cgroup_kill, "1")?;
+            killed += pids.len();
+        } else {
+            for pid in pids {
+                // Sending to a pid that just exited is harmless (ESRCH).
+                if nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+                {
+                    killed += 1;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("cgroup {} still not empty after {timeout:?}", dir.display()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The cgroup of one process started through the API and everything it starts.
+#[derive(Debug)]
+pub struct ProcessCgroup {
+    pub dir: PathBuf,
+    version: CgroupVersion,
+    procs_files: Vec<CString>,
+}
+
+impl ProcessCgroup {
+    /// The `cgroup.procs` files the process writes `0` to before it execs.
+    pub fn procs_files(&self) -> &[CString] {
+        &self.procs_files
+    }
+
+    /// Kills the process and all it started (its own sessions and orphans included).
+    pub fn kill(&self, timeout: Duration) -> std::io::Result<usize> {
+        kill_tree(&self.dir, self.version, timeout)
+    }
+
+    /// Whether a process of it is still alive.
+    pub fn is_empty(&self) -> bool {
+        tree_pids(&self.dir).is_empty()
+    }
+
+    /// Removes the directory once empty (best effort; a leftover is removed with the user
+    /// cgroup's next kill-all or at shutdown).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 

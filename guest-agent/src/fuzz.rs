@@ -220,9 +220,9 @@ pub fn check_invariants(request: &Request) {
                 check_path(cwd);
             }
         }
-        Request::Stat { path } | Request::ListDir { path, .. } | Request::ReadFile { path, .. } => {
-            check_path(path)
-        }
+        Request::Stat { path, .. }
+        | Request::ListDir { path, .. }
+        | Request::ReadFile { path, .. } => check_path(path),
         Request::WriteFile(spec) => check_path(&spec.path),
         Request::Mkdir(spec) => check_path(&spec.path),
         Request::Remove(spec) => {

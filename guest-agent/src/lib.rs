@@ -1,6 +1,7 @@
 //! `airlock-agent`: the agent inside every Airlock sandbox. It serves the protocol described in
 //! PROTOCOL.md over vsock (or a Unix socket on a host) and runs user code for the sandbox API.
 
+pub mod acting_user;
 pub mod cgroup;
 pub mod client;
 pub mod error;

@@ -22,7 +22,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard};
 
-use crate::cgroup::UserCgroup;
+use crate::cgroup::{ProcessCgroup, UserCgroup};
 use crate::error::{AgentError, AgentResult};
 use crate::protocol::{output_line, Event, EventKind, ExecSpec, PtySize};
 
@@ -296,6 +296,8 @@ pub struct Process {
     stdin: Arc<tokio::sync::Mutex<Option<StdinSink>>>,
     pty: Option<Arc<PtyMaster>>,
     seq: AtomicU64,
+    /// The process's own cgroup (where there is a user cgroup): it and all it starts.
+    cgroup: Option<Arc<ProcessCgroup>>,
 }
 
 impl Process {
@@ -342,6 +344,10 @@ impl Process {
         let signal = Signal::try_from(signal)
             .map_err(|_| AgentError::bad_request(format!("signal {signal} is not supported")))?;
         let pid = Pid::from_raw(self.pid);
+        if group && signal == Signal::SIGKILL {
+            self.kill_group();
+            return Ok(());
+        }
         let result = if group {
             killpg(pid, signal)
         } else {
@@ -350,11 +356,11 @@ impl Process {
         result.map_err(|e| AgentError::io(format!("signal {} to {}", signal, self.pid), e.into()))
     }
 
-    /// SIGKILLs the process group unless the leader has been reaped already.
+    /// SIGKILLs the process and everything it started: its process group and, where there is a
+    /// user cgroup, every process in its own cgroup (children that left the group with `setsid`
+    /// and orphans included), until that cgroup is empty.
     pub fn kill_group(&self) {
-        if self.exit_info().is_none() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-        }
+        kill_process_tree(self.pid, self.exit_info().is_none(), self.cgroup.clone());
     }
 
     pub fn resize(&self, size: PtySize) -> AgentResult<()> {
@@ -446,6 +452,29 @@ pub enum DetachAction {
 struct AttachState {
     output: OwnedMutexGuard<mpsc::Receiver<Output>>,
     guard: AttachGuard,
+}
+
+/// Kills process `pid`'s group (while `leader_alive`: its pid may not be reused before it is
+/// reaped) and then its cgroup, on a thread of its own: emptying the cgroup of a fork bomb takes
+/// repeated passes, which must not hold up the agent's event loop.
+fn kill_process_tree(pid: i32, leader_alive: bool, cgroup: Option<Arc<ProcessCgroup>>) {
+    if leader_alive {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    if let Some(cgroup) = cgroup {
+        if !cgroup.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("kill-cgroup".into())
+                .spawn(move || {
+                    if let Err(e) = cgroup.kill(Duration::from_secs(30)) {
+                        crate::log!("killing a process tree: {e}");
+                    }
+                    cgroup.remove();
+                });
+        } else {
+            cgroup.remove();
+        }
+    }
 }
 
 struct AttachGuard {
@@ -640,6 +669,15 @@ impl ProcessTable {
                 "the agent does not run as root and cannot start a process as uid {uid}"
             )));
         }
+        // A missing working directory would fail the spawn with ENOENT, which reads as "no such
+        // program" (issue 13, row 12): name it instead.
+        if let Some(cwd) = &spec.cwd {
+            if !std::path::Path::new(cwd).is_dir() {
+                return Err(AgentError::bad_request(format!(
+                    "cwd {cwd:?} is not a directory in the sandbox"
+                )));
+            }
+        }
         let home = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
             .ok()
             .flatten();
@@ -660,13 +698,21 @@ impl ProcessTable {
         }
         cmd.envs(&spec.env)
             .current_dir(spec.cwd.as_deref().unwrap_or("/"));
+        let id = format!("p{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let process_cgroup = match &self.cgroup {
+            Some(user_cgroup) => Some(Arc::new(
+                user_cgroup
+                    .process_cgroup(&format!("process-{id}"))
+                    .map_err(|e| AgentError::io("create the process's cgroup", e))?,
+            )),
+            None => None,
+        };
         let setup = ChildSetup {
             with_pty: spec.pty.is_some(),
             switch_user: running_as_root,
             uid,
             gid,
-            cgroup_procs: self
-                .cgroup
+            cgroup_procs: process_cgroup
                 .as_ref()
                 .map(|c| c.procs_files().to_vec())
                 .unwrap_or_default(),
@@ -716,9 +762,13 @@ impl ProcessTable {
                 drop(cmd);
                 Ok((child?, master))
             })
-            .map_err(|e| AgentError::io(format!("cannot start {:?}", spec.argv[0]), e))?;
+            .map_err(|e| {
+                if let Some(c) = &process_cgroup {
+                    c.remove();
+                }
+                AgentError::io(format!("cannot start {:?}", spec.argv[0]), e)
+            })?;
         let pid = child.id() as i32;
-        let id = format!("p{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_BUFFER_CHUNKS);
         let (exit_tx, exit_watch) = watch::channel(None);
         let setup_result: io::Result<(Option<StdinSink>, Option<Arc<PtyMaster>>)> =
@@ -745,7 +795,7 @@ impl ProcessTable {
         let (stdin, pty) = match setup_result {
             Ok(v) => v,
             Err(e) => {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                kill_process_tree(pid, true, process_cgroup);
                 return Err(AgentError::io("set up the process's output", e));
             }
         };
@@ -762,20 +812,24 @@ impl ProcessTable {
             stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
             pty,
             seq: AtomicU64::new(0),
+            cgroup: process_cgroup.clone(),
         });
         let timeout = spec.timeout_ms.map(Duration::from_millis);
-        tokio::spawn(supervise(pid, exit_rx, exit_tx, timeout));
+        tokio::spawn(supervise(pid, exit_rx, exit_tx, timeout, process_cgroup));
         self.lock().insert(id, process.clone());
         Ok(process)
     }
 }
 
-/// Waits for the process's status from the reaper, killing its group when the timeout passes.
+/// Waits for the process's status from the reaper. When the timeout passes, kills the process
+/// and everything it started (its whole cgroup, so a fork bomb or a `setsid` child ends with it).
+/// Once the process has exited, its cgroup goes if nothing of it is left.
 async fn supervise(
     pid: i32,
     mut exit_rx: oneshot::Receiver<WaitStatus>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     timeout: Option<Duration>,
+    cgroup: Option<Arc<ProcessCgroup>>,
 ) {
     let mut timed_out = false;
     let status = match timeout {
@@ -783,13 +837,18 @@ async fn supervise(
             Ok(status) => status.ok(),
             Err(_) => {
                 timed_out = true;
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                kill_process_tree(pid, true, cgroup.clone());
                 exit_rx.await.ok()
             }
         },
         None => exit_rx.await.ok(),
     };
     exit_tx.send_replace(Some(ExitInfo::from_status(status, timed_out)));
+    if let Some(cgroup) = cgroup {
+        if cgroup.is_empty() {
+            cgroup.remove();
+        }
+    }
 }
 
 /// Copies a pipe into the output channel, only as fast as the channel is drained.

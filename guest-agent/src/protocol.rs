@@ -68,15 +68,18 @@ pub enum Request {
     KillUserProcesses,
     Stat {
         path: String,
+        user: UserParam,
     },
     ListDir {
         path: String,
         depth: u32,
+        user: UserParam,
     },
     ReadFile {
         path: String,
         offset: u64,
         length: Option<u64>,
+        user: UserParam,
     },
     /// The request body is streamed into the file.
     WriteFile(WriteFileSpec),
@@ -245,6 +248,10 @@ pub struct RemoveSpec {
     /// Succeed when the path does not exist.
     #[serde(default)]
     pub missing_ok: bool,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -252,6 +259,10 @@ pub struct RemoveSpec {
 pub struct RenameSpec {
     pub from: String,
     pub to: String,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -259,6 +270,10 @@ pub struct RenameSpec {
 pub struct ChmodSpec {
     pub path: String,
     pub mode: FileMode,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +292,18 @@ struct EntropyBody {
 #[serde(deny_unknown_fields)]
 struct PathQuery {
     path: String,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
+}
+
+/// Who a file operation acts as: `uid` and `gid` (each defaults to the sandbox user's). The
+/// kernel checks the operation's paths and permissions as for that user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserParam {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +312,10 @@ struct ListQuery {
     path: String,
     #[serde(default)]
     depth: Option<u32>,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +326,10 @@ struct ReadQuery {
     offset: Option<u64>,
     #[serde(default)]
     length: Option<u64>,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -398,6 +433,10 @@ pub fn decode_route(method: &str, target: &str) -> AgentResult<Route> {
             let q: PathQuery = parse_query(query)?;
             ready(R::Stat {
                 path: normalize_path(&q.path)?,
+                user: UserParam {
+                    uid: q.uid,
+                    gid: q.gid,
+                },
             })
         }
         (["files", "list"], "GET") => {
@@ -411,6 +450,10 @@ pub fn decode_route(method: &str, target: &str) -> AgentResult<Route> {
             ready(R::ListDir {
                 path: normalize_path(&q.path)?,
                 depth,
+                user: UserParam {
+                    uid: q.uid,
+                    gid: q.gid,
+                },
             })
         }
         (["files", "content"], "GET") => {
@@ -419,6 +462,10 @@ pub fn decode_route(method: &str, target: &str) -> AgentResult<Route> {
                 path: normalize_path(&q.path)?,
                 offset: q.offset.unwrap_or(0),
                 length: q.length,
+                user: UserParam {
+                    uid: q.uid,
+                    gid: q.gid,
+                },
             })
         }
         (["files", "content"], "PUT") => {
@@ -767,7 +814,18 @@ mod tests {
             decode_request("GET", "/v1/files/list?path=/a/../b&depth=3", b"").unwrap(),
             Request::ListDir {
                 path: "/b".into(),
-                depth: 3
+                depth: 3,
+                user: UserParam::default(),
+            }
+        );
+        assert_eq!(
+            decode_request("GET", "/v1/files/stat?path=/etc&uid=0&gid=0", b"").unwrap(),
+            Request::Stat {
+                path: "/etc".into(),
+                user: UserParam {
+                    uid: Some(0),
+                    gid: Some(0)
+                },
             }
         );
         assert_eq!(

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::acting_user::ActingUser;
 use crate::error::{AgentError, AgentResult};
 use crate::files::{self, FileWriter, WriteOptions};
 use crate::listen::Listener;
@@ -37,6 +38,7 @@ pub struct AgentState {
     pub started: Instant,
     pub pid1: bool,
     /// Owner of files and directories the API creates unless a request names one.
+    /// Who file operations act as when a request names no uid/gid (the sandbox user).
     pub file_owner: UserDefaults,
     /// Why there is no user cgroup, when there is none.
     pub cgroup_error: Option<String>,
@@ -45,6 +47,14 @@ pub struct AgentState {
 }
 
 impl AgentState {
+    /// Who a file request acts as: its uid/gid, each defaulting to the sandbox user's.
+    pub fn acting_user(&self, uid: Option<u32>, gid: Option<u32>) -> ActingUser {
+        ActingUser {
+            uid: uid.unwrap_or(self.file_owner.uid),
+            gid: gid.unwrap_or(self.file_owner.gid),
+        }
+    }
+
     /// Stops user code, tidies up and exits, powering the guest off when PID 1.
     pub fn shutdown(&self) -> ! {
         log!("shutting down");
@@ -294,17 +304,22 @@ async fn dispatch(
             .map_err(|e| AgentError::io("kill the user cgroup", e))?;
             ok(json!({"killed": killed}))
         }
-        Request::Stat { path } => Ok(json_response(StatusCode::OK, &files::stat(path).await?)),
-        Request::ListDir { path, depth } => Ok(json_response(
+        Request::Stat { path, user } => Ok(json_response(
             StatusCode::OK,
-            &files::list(path, depth).await?,
+            &files::stat(path, state.acting_user(user.uid, user.gid)).await?,
+        )),
+        Request::ListDir { path, depth, user } => Ok(json_response(
+            StatusCode::OK,
+            &files::list(path, depth, state.acting_user(user.uid, user.gid)).await?,
         )),
         Request::ReadFile {
             path,
             offset,
             length,
+            user,
         } => {
-            let (size, stream) = files::read_stream(path, offset, length).await?;
+            let user = state.acting_user(user.uid, user.gid);
+            let (size, stream) = files::read_stream(path, offset, length, user).await?;
             let builder =
                 stream_response("application/octet-stream").header("x-airlock-file-size", size);
             Ok(with_stream(builder, stream))
@@ -314,8 +329,7 @@ async fn dispatch(
                 &spec.path,
                 WriteOptions {
                     mode: spec.mode.map_or(0o644, |m| m.0),
-                    uid: spec.uid.unwrap_or(state.file_owner.uid),
-                    gid: spec.gid.unwrap_or(state.file_owner.gid),
+                    user: state.acting_user(spec.uid, spec.gid),
                     create_parents: spec.create_parents,
                     append: spec.append,
                 },
@@ -330,21 +344,23 @@ async fn dispatch(
             ok(json!({"path": spec.path, "written": written}))
         }
         Request::Mkdir(spec) => {
-            let uid = spec.uid.unwrap_or(state.file_owner.uid);
-            let gid = spec.gid.unwrap_or(state.file_owner.gid);
-            files::mkdir(spec, uid, gid).await?;
+            let user = state.acting_user(spec.uid, spec.gid);
+            files::mkdir(spec, user).await?;
             ok(json!({}))
         }
         Request::Remove(spec) => {
-            files::remove(spec).await?;
+            let user = state.acting_user(spec.uid, spec.gid);
+            files::remove(spec, user).await?;
             ok(json!({}))
         }
         Request::Rename(spec) => {
-            files::rename(spec).await?;
+            let user = state.acting_user(spec.uid, spec.gid);
+            files::rename(spec, user).await?;
             ok(json!({}))
         }
         Request::Chmod(spec) => {
-            files::chmod(spec).await?;
+            let user = state.acting_user(spec.uid, spec.gid);
+            files::chmod(spec, user).await?;
             ok(json!({}))
         }
         Request::SetTime { unix_ns } => {

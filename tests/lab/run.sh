@@ -201,16 +201,68 @@ console="$out/console.log"
 log "booting the L1 (QEMU TCG, -cpu max with AMD-V, $cpus vCPUs, ${mem_mib} MiB): suites$wanted"
 log "the L1's console: $console"
 start=$(date +%s)
+rm -f "$out/qemu.pid" "$out/monitor.sock" "$out/stall.log"
+: >"$console"
+# The L1 prints a heartbeat every 60 s. A console silent for $stall_s is a wedged L1 (it happened:
+# see the README): record where QEMU's vCPUs are (monitor `info registers -a`) and QEMU's CPU time,
+# then end the run instead of waiting out the whole timeout.
+stall_s="${AIRLOCK_LAB_STALL_S:-300}"
+(
+    size=-1
+    silent=0
+    while sleep 15; do
+        [ -f "$out/qemu.pid" ] || continue
+        pid="$(cat "$out/qemu.pid")"
+        kill -0 "$pid" 2>/dev/null || break
+        now="$(stat -c %s "$console")"
+        if [ "$now" = "$size" ]; then silent=$((silent + 15)); else silent=0 size="$now"; fi
+        [ "$silent" -ge "$stall_s" ] || continue
+        {
+            echo "the L1's console was silent for ${stall_s} s: the L1 is wedged"
+            echo "QEMU's threads (name, state, user+system ticks):"
+            for t in /proc/"$pid"/task/*; do
+                awk '{print "  " $2 " " $3 " " $14 "+" $15}' "$t/stat" 2>/dev/null
+            done
+            python3 - "$out/monitor.sock" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+out = b""
+for cmd in (b"info cpus\n", b"info registers -a\n"):
+    s.sendall(cmd)
+    time.sleep(2)
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    except socket.timeout:
+        pass
+print(out.decode(errors="replace"))
+PY
+        } >"$out/stall.log" 2>&1
+        log "the L1's console was silent for ${stall_s} s: ending it (QEMU's state: $out/stall.log)"
+        kill "$pid"
+        break
+    done
+) &
+watchdog=$!
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem_mib" \
-    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+    -nographic -no-reboot -nodefaults -serial stdio \
+    -monitor "unix:$out/monitor.sock,server=on,wait=off" -pidfile "$out/qemu.pid" \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$out/l1-initrd.cpio.gz" \
     -append "console=ttyS0 root=/dev/vda rw rootwait=30 init=/lab/init panic=-1 loglevel=4" \
     -drive "file=$out/l1.ext4,format=raw,if=virtio,cache=unsafe" \
     -nic none </dev/null 2>&1 | tee "$console" | grep --line-buffered '^LAB\|^test \|^NOT RUN' >&2
 qemu_rc=${PIPESTATUS[0]}
+kill "$watchdog" 2>/dev/null
+wait "$watchdog" 2>/dev/null
 set -e
+[ ! -s "$out/stall.log" ] || sed 's/^/lab: stall: /' "$out/stall.log" | head -60 >&2
 log "the L1 ran $(($(date +%s) - start)) s (qemu exit $qemu_rc)"
 
 # --- results ------------------------------------------------------------------------------------

@@ -168,9 +168,18 @@ impl DaemonUnderTest {
             .arg(&self.state_dir)
             .arg("--agent-bin")
             .arg(crate::workspace_bin("airlock-agent"))
+            // The images tests build templates from: the trees tests make under the temporary
+            // directory, and the built ones once `images/build.sh` has made them (the daemon
+            // refuses an image directory that does not exist).
+            .arg("--image-dir")
+            .arg(std::env::temp_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        let built_images = crate::repo_root().join("images/out");
+        if built_images.is_dir() {
+            cmd.arg("--image-dir").arg(built_images);
+        }
         let mut child = cmd.spawn().expect("spawn airlockd");
         let mut pipe = child.stderr.take().expect("stderr");
         let copy = self.stderr.clone();
@@ -193,16 +202,15 @@ impl DaemonUnderTest {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "airlockd exited with {status}: {}",
-                    self.stderr.lock().unwrap()
-                );
+                // Let the reader thread drain what the daemon said before it exited.
+                std::thread::sleep(Duration::from_millis(100));
+                let said = self.stderr.lock().unwrap().clone();
+                panic!("airlockd exited with {status}: {said}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "airlockd did not listen within 20 s: {}",
-                self.stderr.lock().unwrap()
-            );
+            if Instant::now() >= deadline {
+                let said = self.stderr.lock().unwrap().clone();
+                panic!("airlockd did not listen within 20 s: {said}");
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     }

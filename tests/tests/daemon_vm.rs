@@ -69,7 +69,12 @@ fn vm_image_or_reason() -> Result<PathBuf, String> {
 }
 
 fn vm_daemon(extra: &[&str]) -> DaemonUnderTest {
-    let mut args = vec!["--agent-ready-timeout-s", AGENT_READY_S];
+    // Some checks run as root inside the guest (ping, sysrq, devmem).
+    let mut args = vec![
+        "--agent-ready-timeout-s",
+        AGENT_READY_S,
+        "--allow-guest-root",
+    ];
     args.extend_from_slice(extra);
     DaemonUnderTest::start_vm(&args)
 }

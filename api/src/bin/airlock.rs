@@ -179,6 +179,12 @@ impl From<String> for Failure {
 }
 
 fn main() -> ExitCode {
+    // As other command-line tools: a reader that goes away (`airlock health | head -3`) ends
+    // the program quietly instead of a panic in println! (issue 13, row 12).
+    // SAFETY: signal(2) with SIG_DFL installs no handler; nothing else runs yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -405,7 +411,16 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                         true,
                     )
                     .await?;
-                while let Some(ev) = events.next().await? {
+                loop {
+                    let ev = match events.next().await {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => break,
+                        // A broken stream is airlock's own failure, not the command's: 125, as documented.
+                        Err(e) => {
+                            eprintln!("airlock: the exec stream broke: {e}");
+                            return Ok(125);
+                        }
+                    };
                     if json {
                         println!("{ev}");
                     }

@@ -1,0 +1,229 @@
+//! Issue 13: escapes found by attacking the namespace backend as sandboxed code (uid 1000) and as
+//! an API client, one regression test per row that applies here. Each failed before its fix.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use airlock_tests::daemon::*;
+use serde_json::json;
+
+/// The default template, and one sandbox of it.
+async fn default_sandbox(c: &DaemonClient) -> String {
+    make_template(c, "default").await;
+    create(c, json!({"template": "default"})).await
+}
+
+/// Rows 1, 5, 6: the daemon hands out no root, builds templates only from its image
+/// directories, keeps its state private, and the sandbox's kernel knobs are read-only.
+#[test]
+fn the_daemon_hands_out_no_host_privilege() {
+    if skip_if_unsupported("the_daemon_hands_out_no_host_privilege") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(90), async {
+        let c = d.client();
+        let id = default_sandbox(&c).await;
+
+        // Row 1: uid 0 or gid 0 is refused (it was host root), for exec and for processes.
+        for (path, body) in [
+            ("exec", json!({"cmd": ["id", "-u"], "uid": 0})),
+            ("exec", json!({"cmd": ["id", "-u"], "gid": 0})),
+            ("processes", json!({"cmd": ["sleep", "1"], "uid": 0})),
+        ] {
+            let (s, v) = checked(
+                &c,
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/{path}"),
+                Some(&body),
+            )
+            .await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{path} {body}: {v}");
+        }
+        // /proc/sys and friends are read-only mounts in the sandbox: core_pattern cannot be set
+        // even by a process that somehow held root there.
+        let out = sh(
+            &c,
+            &id,
+            "for m in /proc/sys /proc/sysrq-trigger; do [ -e $m ] || echo $m absent; awk -v m=$m '$2 == m {print m, substr($4, 1, 2)}' /proc/mounts; done",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("/proc/sys ro"), "{text}");
+        // (Some kernels, this host's among them, have no sysrq-trigger.)
+        assert!(
+            text.contains("/proc/sysrq-trigger ro") || text.contains("/proc/sysrq-trigger absent"),
+            "{text}"
+        );
+
+        // Row 5: a template from an arbitrary host directory (it has bin/) is refused.
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            "/v1/templates",
+            Some(&json!({"name": "host-usr", "image": "/usr"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains("--image-dir"),
+            "{v}"
+        );
+    });
+    // Row 6: the state dir (sandboxes' upper directories, setuid files a tenant left) is root's.
+    let mode = std::fs::metadata(&d.state_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "state dir mode {mode:o}");
+}
+
+/// Rows 2, 8, 9, 12: the file API acts as the sandbox user, so a tenant's symbolic links lead
+/// only where the tenant could go; uploads are the user's own files, made without a chown by
+/// name; a FIFO is refused at once; a missing cwd is named.
+#[test]
+fn the_file_api_follows_no_tenant_link_into_root_files() {
+    if skip_if_unsupported("the_file_api_follows_no_tenant_link_into_root_files") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(90), async {
+        let c = d.client();
+        let id = default_sandbox(&c).await;
+        let out = sh(
+            &c,
+            &id,
+            "cd /home/sandbox && ln -s /usr/bin ubin && ln -s /etc etcl && mkfifo fifo && echo ok",
+        )
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
+
+        // Row 8: an upload through a link into a root-owned directory is refused...
+        let up = c
+            .upload(
+                &id,
+                "/home/sandbox/ubin/evilcmd",
+                airlockd::agent::bytes_body(b"#!/bin/sh\necho pwned\n".to_vec()),
+            )
+            .await;
+        assert!(up.is_err(), "upload through a planted link: {up:?}");
+        // ...and so is removing a root file through one.
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/files/remove"),
+            Some(&json!({"path": "/home/sandbox/etcl/passwd"})),
+        )
+        .await;
+        assert!(
+            s.is_client_error(),
+            "remove through a planted link: {s} {v}"
+        );
+        let out = sh(
+            &c,
+            &id,
+            "test -e /usr/bin/evilcmd && echo made; test -e /etc/passwd && echo kept",
+        )
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+
+        // Row 2: an upload is the sandbox user's own file, and no temporary is left behind.
+        c.upload(
+            &id,
+            "/home/sandbox/mine",
+            airlockd::agent::bytes_body(b"data".to_vec()),
+        )
+        .await
+        .unwrap();
+        let out = sh(
+            &c,
+            &id,
+            "stat -c '%u %g' /home/sandbox/mine; ls -a /home/sandbox | grep -c airlock",
+        )
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1000 1000\n0\n");
+
+        // Row 9: a FIFO is refused at once, not waited on.
+        let started = std::time::Instant::now();
+        let got = c.download_bytes(&id, "/home/sandbox/fifo").await;
+        let e = got.expect_err("a FIFO was read");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        // Row 12: a missing cwd is named, not "cannot start".
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&json!({"cmd": ["pwd"], "cwd": "/nowhere"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"].as_str().unwrap_or("").contains("cwd"), "{v}");
+    });
+}
+
+/// Rows 4 and 10: a timeout ends everything the command started, a child that left its process
+/// group with `setsid` included (each process has a cgroup of its own, killed whole).
+#[test]
+fn a_timeout_ends_the_whole_process_tree() {
+    if skip_if_unsupported("a_timeout_ends_the_whole_process_tree") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(90), async {
+        let c = d.client();
+        let id = default_sandbox(&c).await;
+        let out = c
+            .exec(
+                &id,
+                &json!({"cmd": ["sh", "-c",
+                    "setsid sh -c 'echo $$ > /tmp/escaped; exec sleep 300' </dev/null >/dev/null 2>&1 & sleep 300"],
+                    "timeout_ms": 1500}),
+            )
+            .await
+            .unwrap();
+        let exit = out.events.last().unwrap();
+        assert_eq!(exit["timed_out"], true, "{exit}");
+        // The escaped child is gone within a few seconds of the timeout.
+        let mut alive = String::new();
+        for _ in 0..50 {
+            let out = sh(
+                &c,
+                &id,
+                "kill -0 $(cat /tmp/escaped) 2>/dev/null && echo alive",
+            )
+            .await;
+            alive = String::from_utf8_lossy(&out.stdout).into_owned();
+            if alive.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(alive, "", "the setsid child outlived the timeout");
+    });
+}
+
+/// Row 12: `airlock health | head -c 1` ends quietly when its reader goes away (it panicked on
+/// the broken pipe).
+#[test]
+fn the_cli_ends_quietly_on_a_closed_pipe() {
+    if skip_if_unsupported("the_cli_ends_quietly_on_a_closed_pipe") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    let bin = airlock_tests::workspace_bin("airlock");
+    // `health` prints several lines; the reader takes one byte and leaves.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for i in 1 2 3 4 5 6 7 8; do {} health; done | head -c 1 >/dev/null",
+            bin.display()
+        ))
+        .env("AIRLOCK_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
