@@ -14,7 +14,8 @@
 //! 5. `pivot_root` into it and detaches the old root;
 //! 6. sets the hostname, drops every capability outside a short list from the bounding set,
 //!    sets `no_new_privs`, installs the seccomp filter (`seccomp.rs`);
-//! 7. execs the agent with an empty environment.
+//! 7. execs the daemon's agent (opened on the host before step 4, never a file of the
+//!    sandbox's tree) with an empty environment.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -43,8 +44,11 @@ pub struct LaunchSpec {
     pub cgroup_mounts: Vec<(String, PathBuf)>,
     /// true: share the host's network namespace; false: a new one with only `lo`.
     pub host_network: bool,
-    /// The agent's path inside the sandbox, and its arguments (argv[1..]).
-    pub agent_path: String,
+    /// The daemon's own agent binary (a host path). The launcher opens it before it enters the
+    /// sandbox's root and execs it through that descriptor, so no file of the sandbox's tree
+    /// (which a tenant, a snapshot or a fork's template may have changed) is ever run as PID 1.
+    pub agent_bin: PathBuf,
+    /// The agent's arguments (argv[1..]).
     pub agent_args: Vec<String>,
     pub tmp_size_mib: u64,
     /// Host device nodes bound into the sandbox's /dev under their own names (GPUs).
@@ -299,6 +303,10 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         spec.upper.display(),
         spec.work.display()
     );
+    // Opened now, on the host, and exec'd by descriptor at the end: the sandbox's tree is the
+    // tenant's, and so may be any agent a template or fork carries in it.
+    let agent = std::fs::File::open(&spec.agent_bin)
+        .map_err(|e| format!("opening the agent {}: {e}", spec.agent_bin.display()))?;
     let root = &spec.merged;
     mnt(
         Some("overlay"),
@@ -469,7 +477,6 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
     }
     crate::seccomp::install().map_err(err("installing the seccomp filter"))?;
 
-    let path = cstr(&spec.agent_path)?;
     let mut argv = vec![cstr("airlock-agent")?];
     for a in &spec.agent_args {
         argv.push(cstr(a)?);
@@ -477,8 +484,8 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
     let env = [cstr(
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     )?];
-    let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
-    Err(format!("exec {}: {e}", spec.agent_path))
+    let e = nix::unistd::fexecve(&agent, &argv, &env).unwrap_err();
+    Err(format!("exec the agent {}: {e}", spec.agent_bin.display()))
 }
 
 fn drop_capabilities(own_netns: bool) -> Result<(), String> {

@@ -227,3 +227,74 @@ fn the_cli_ends_quietly_on_a_closed_pipe() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Issue 13, "snapshots and forks reinstall the agent": a tenant who can write where a template
+/// once kept its agent (here `/.airlock`, left writable by its image) replaces it with a script,
+/// snapshots the sandbox and starts a fork. The fork must run the daemon's own agent, not the
+/// script: before the fix the script ran as the fork's PID 1, with root's kept capabilities.
+#[test]
+fn a_fork_runs_the_daemons_agent_not_the_tenants() {
+    if skip_if_unsupported("a_fork_runs_the_daemons_agent_not_the_tenants") {
+        return;
+    }
+    let base = test_rootfs().expect("a root filesystem");
+    let image = std::env::temp_dir().join(format!("airlock-tamper-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&image);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&base)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "cp -a {}", base.display());
+    std::fs::create_dir_all(image.join(".airlock")).unwrap();
+    std::os::unix::fs::chown(image.join(".airlock"), Some(1000), Some(1000)).unwrap();
+
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(120), async {
+        let c = d.client();
+        c.call(
+            Method::POST,
+            "/v1/templates",
+            Some(&json!({"name": "writable-airlock", "image": image})),
+        )
+        .await
+        .expect("template");
+        let id = create(&c, json!({"template": "writable-airlock"})).await;
+        let out = sh(
+            &c,
+            &id,
+            "id -u; rm -f /.airlock/airlock-agent; printf '#!/bin/sh\\necho planted > /planted\\nexec sleep 600\\n' > /.airlock/airlock-agent && chmod 755 /.airlock/airlock-agent && echo replaced",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("1000\nreplaced"), "{text} {:?}", out);
+
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(&json!({"template": "tampered"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(&json!({"template": "tampered"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "the fork did not start: {v}");
+        let fork = v["id"].as_str().unwrap().to_string();
+        let out = sh(
+            &c,
+            &fork,
+            "[ -e /planted ] && echo planted || echo clean; head -c 9 /.airlock/airlock-agent",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("clean\n#!/bin/sh"), "{text}");
+    });
+    let _ = std::fs::remove_dir_all(&image);
+}

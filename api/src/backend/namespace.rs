@@ -20,9 +20,6 @@ use crate::model::{
 
 pub const CARRIES: &str = "files only: the root filesystem tree; processes and memory are not carried (namespace backend)";
 
-/// Where the agent lives inside a namespace template (the daemon installs its own build).
-pub const AGENT_IN_ROOTFS: &str = "/.airlock/airlock-agent";
-
 pub struct NamespaceBackend {
     pub state_dir: PathBuf,
     pub hierarchy: Hierarchy,
@@ -46,6 +43,12 @@ impl NamespaceBackend {
         if !agent_bin.is_file() {
             return Err(format!(
                 "the agent binary {} does not exist (build airlock-agent, or give --agent-bin)",
+                agent_bin.display()
+            ));
+        }
+        if needs_loader(&agent_bin)? {
+            return Err(format!(
+                "the agent binary {} is dynamically linked: its loader and libraries would be read from the sandbox's own tree, which the tenant controls; build it static (the workspace's default musl target)",
                 agent_bin.display()
             ));
         }
@@ -172,7 +175,7 @@ impl NamespaceBackend {
             cgroup_procs: cgroups.procs.clone(),
             cgroup_mounts: cgroups.visible.clone(),
             host_network: rec.network,
-            agent_path: AGENT_IN_ROOTFS.into(),
+            agent_bin: self.agent_bin.clone(),
             agent_args: vec![
                 "--listen".into(),
                 "unix:/run/airlock/agent.sock".into(),
@@ -332,7 +335,7 @@ impl NamespaceBackend {
             serde_json::json!({"bytes_total": total}),
         );
         let target = dir.join("rootfs");
-        let (agent, dir2, p2) = (self.agent_bin.clone(), dir.to_path_buf(), progress.clone());
+        let (dir2, p2) = (dir.to_path_buf(), progress.clone());
         let copied = blocking(move || {
             std::fs::create_dir_all(&dir2).map_err(|e| ApiError::internal("mkdir", e))?;
             let mut last_report = 0u64;
@@ -347,10 +350,8 @@ impl NamespaceBackend {
                 }
             })
             .map_err(|e| ApiError::internal("copying the image's root filesystem", e))?;
-            let agent_dir = target.join(".airlock");
-            std::fs::create_dir_all(&agent_dir).map_err(|e| ApiError::internal("mkdir", e))?;
-            std::fs::copy(&agent, agent_dir.join("airlock-agent"))
-                .map_err(|e| ApiError::internal("installing the agent", e))?;
+            // No agent goes into the tree: every sandbox runs the daemon's own copy
+            // (`launch.rs`), whatever its template's files hold.
             Ok(done)
         })
         .await?;
@@ -376,5 +377,57 @@ impl NamespaceBackend {
             snapshot_mem: None,
             carries: CARRIES.into(),
         })
+    }
+}
+
+/// Whether an ELF executable names a program interpreter (a dynamic loader, `PT_INTERP`).
+fn needs_loader(path: &Path) -> Result<bool, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    elf_has_interpreter(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a 64-bit little-endian ELF header and its program headers, looking for `PT_INTERP`.
+fn elf_has_interpreter(elf: &[u8]) -> Result<bool, &'static str> {
+    const PT_INTERP: u32 = 3;
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
+        return Err("not an ELF executable");
+    }
+    if elf[4] != 2 || elf[5] != 1 {
+        return Err("not a 64-bit little-endian ELF executable");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    if phentsize < 4 {
+        return Err("malformed program headers");
+    }
+    for i in 0..phnum {
+        let at = phoff
+            .checked_add(i.checked_mul(phentsize).ok_or("malformed program headers")?)
+            .ok_or("malformed program headers")?;
+        let p_type = elf
+            .get(at..at + 4)
+            .ok_or("program headers past the end of the file")?;
+        if u32::from_le_bytes(p_type.try_into().expect("4 bytes")) == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod agent_binary_tests {
+    use super::elf_has_interpreter;
+
+    #[test]
+    fn the_agent_must_not_need_a_loader_from_the_tenants_tree() {
+        // This test binary itself: dynamically linked on glibc targets, static on musl.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let dynamic = elf_has_interpreter(&me).unwrap();
+        assert_eq!(dynamic, cfg!(target_env = "gnu"), "PT_INTERP detection");
+        assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), Err("not an ELF executable"));
+        let mut truncated = me[..64].to_vec();
+        truncated[56] = 0xff; // many program headers, none present
+        assert!(elf_has_interpreter(&truncated).is_err());
     }
 }
