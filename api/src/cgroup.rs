@@ -82,6 +82,122 @@ impl Hierarchy {
     }
 }
 
+/// The child of a sandbox's cgroup that the sandbox sees (bind-mounted at its /sys/fs/cgroup).
+pub const DELEGATED: &str = "sandbox";
+
+/// What all sandboxes together may take of the host: limits on the parent cgroup (`airlock`),
+/// so that however many sandboxes the daemon runs, the host keeps memory, process slots and
+/// CPU time for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostShare {
+    /// All sandboxes' memory together: the host's memory less a reserve of a tenth of it, at
+    /// least 256 MiB.
+    pub memory_bytes: u64,
+    /// All sandboxes' tasks together: half of the kernel's task limit.
+    pub pids_max: u64,
+    /// The parent's CPU weight against its siblings, in v2 units (100 = the default): half, so
+    /// the host's own services win when the CPUs are contended.
+    pub cpu_weight: u64,
+    /// The default tasks limit of one sandbox: 512 per host CPU, 512 to 4096.
+    pub sandbox_pids_max: u64,
+}
+
+impl HostShare {
+    /// From the host's figures: `MemTotal` in bytes, `min(pid_max, threads-max)`, CPU count.
+    pub fn for_host(mem_total_bytes: u64, task_limit: u64, cpus: u64) -> HostShare {
+        let reserve = (mem_total_bytes / 10).max(256 << 20);
+        HostShare {
+            memory_bytes: mem_total_bytes.saturating_sub(reserve).max(64 << 20),
+            pids_max: (task_limit / 2).max(64),
+            cpu_weight: 50,
+            sandbox_pids_max: (cpus.max(1) * 512).clamp(512, 4096),
+        }
+    }
+
+    /// Reads this host's figures.
+    pub fn of_this_host() -> Result<HostShare, String> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+        let mem_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("/proc/meminfo has no MemTotal")?;
+        let read = |p: &str| -> Result<u64, String> {
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("reading {p}: {e}"))?
+                .trim()
+                .parse()
+                .map_err(|_| format!("{p} is not a number"))
+        };
+        let tasks = read("/proc/sys/kernel/pid_max")?.min(read("/proc/sys/kernel/threads-max")?);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        Ok(HostShare::for_host(mem_kib << 10, tasks, cpus))
+    }
+}
+
+/// Makes the parent cgroup (`<hierarchy>/<parent>`) and sets the host share on it. Memory and
+/// tasks limits must take; the CPU weight is set where the controller is there.
+pub fn limit_parent(h: &Hierarchy, parent: &str, share: &HostShare) -> Result<(), CgroupError> {
+    match h.layout {
+        Layout::V1 => {
+            for (controller, file, value) in [
+                (
+                    "memory",
+                    "memory.limit_in_bytes",
+                    share.memory_bytes.to_string(),
+                ),
+                ("pids", "pids.max", share.pids_max.to_string()),
+                (
+                    "cpu",
+                    "cpu.shares",
+                    (share.cpu_weight * 1024 / 100).to_string(),
+                ),
+            ] {
+                let base = h.root.join(controller);
+                if !base.join("cgroup.procs").exists() {
+                    if controller == "cpu" {
+                        continue;
+                    }
+                    return Err(CgroupError::NotFound);
+                }
+                let dir = base.join(parent);
+                std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
+                write(&dir.join(file), &value, "the host share")?;
+            }
+        }
+        Layout::V2 => {
+            write(
+                &h.root.join("cgroup.subtree_control"),
+                "+memory +pids +cpu",
+                "enable controllers",
+            )?;
+            let dir = h.root.join(parent);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).map_err(io("mkdir", &dir))?;
+            }
+            write(
+                &dir.join("memory.max"),
+                &share.memory_bytes.to_string(),
+                "the host share",
+            )?;
+            write(
+                &dir.join("pids.max"),
+                &share.pids_max.to_string(),
+                "the host share",
+            )?;
+            if dir.join("cpu.weight").exists() {
+                write(
+                    &dir.join("cpu.weight"),
+                    &share.cpu_weight.to_string(),
+                    "the host share",
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A sandbox's cgroups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxCgroups {
@@ -161,6 +277,13 @@ fn create_inner(
                 let dir = parent_dir.join(id);
                 std::fs::create_dir(&dir).map_err(io("mkdir", &dir))?;
                 made.dirs.push(dir.clone());
+                // The limits below stay on `<id>`, which the sandbox never sees; where the agent
+                // needs a hierarchy (its user cgroup), it gets a delegated child `<id>/sandbox`,
+                // whose own knobs a tenant root may write without lifting `<id>`'s.
+                let delegated = dir.join(DELEGATED);
+                if V1_VISIBLE.contains(c) {
+                    std::fs::create_dir(&delegated).map_err(io("mkdir", &delegated))?;
+                }
                 match *c {
                     "memory" => {
                         write(&dir.join("memory.limit_in_bytes"), &memory, "memory limit")?;
@@ -183,9 +306,11 @@ fn create_inner(
                     }
                     _ => {}
                 }
-                made.procs.push(dir.join("cgroup.procs"));
                 if V1_VISIBLE.contains(c) {
-                    made.visible.push((c.to_string(), dir));
+                    made.procs.push(delegated.join("cgroup.procs"));
+                    made.visible.push((c.to_string(), delegated));
+                } else {
+                    made.procs.push(dir.join("cgroup.procs"));
                 }
             }
         }
@@ -208,10 +333,18 @@ fn create_inner(
             write(&dir.join("memory.max"), &memory, "memory.max")?;
             write(&dir.join("pids.max"), &pids_max.to_string(), "pids.max")?;
             let _ = write(&dir.join("cpu.max"), &format!("{quota} 100000"), "cpu.max");
-            let leaf = dir.join("agent");
-            std::fs::create_dir(&leaf).map_err(io("mkdir", &leaf))?;
+            // The limits stay on `<id>`, which the sandbox never sees; it gets the delegated
+            // child `<id>/sandbox` (controllers handed on), the agent a leaf below that.
+            write(
+                &dir.join("cgroup.subtree_control"),
+                "+memory +pids +cpu",
+                "enable controllers",
+            )?;
+            let delegated = dir.join(DELEGATED);
+            let leaf = delegated.join("agent");
+            std::fs::create_dir_all(&leaf).map_err(io("mkdir", &leaf))?;
             made.procs.push(leaf.join("cgroup.procs"));
-            made.visible.push((String::new(), dir.clone()));
+            made.visible.push((String::new(), delegated));
             made.freezer = dir;
         }
     }
@@ -337,6 +470,90 @@ fn remove_tree(dir: &Path, deadline: Instant) -> Result<(), CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_keeps_a_share() {
+        let gib = 1u64 << 30;
+        let s = HostShare::for_host(24 * gib, 32768, 2);
+        assert_eq!(s.memory_bytes, 24 * gib - 24 * gib / 10);
+        assert_eq!((s.pids_max, s.sandbox_pids_max), (16384, 1024));
+        // A small host keeps at least 256 MiB; a big one caps a sandbox at 4096 tasks.
+        let s = HostShare::for_host(gib, 1000, 64);
+        assert_eq!(s.memory_bytes, gib - (256 << 20));
+        assert_eq!((s.pids_max, s.sandbox_pids_max), (500, 4096));
+        let s = HostShare::for_host(100 << 20, 10, 0);
+        assert_eq!(
+            (s.memory_bytes, s.pids_max, s.sandbox_pids_max),
+            (64 << 20, 64, 512)
+        );
+    }
+
+    /// Fake hierarchies (plain files): the limits land on `<id>`, the sandbox sees and joins
+    /// only `<id>/sandbox`, and the parent gets the host share.
+    #[test]
+    fn limits_stay_above_what_the_sandbox_sees() {
+        let d = std::env::temp_dir().join(format!("airlockd-cg-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let limits = SandboxLimits {
+            vcpus: 2,
+            memory_mib: 64,
+            pids_max: 100,
+            extra_device_rules: &[],
+        };
+        let share = HostShare::for_host(1 << 30, 1000, 1);
+
+        let v1 = d.join("v1");
+        for c in V1_CONTROLLERS {
+            std::fs::create_dir_all(v1.join(c)).unwrap();
+            std::fs::write(v1.join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let h = Hierarchy::detect(&v1).unwrap();
+        limit_parent(&h, "airlock", &share).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(v1.join("memory/airlock/memory.limit_in_bytes")),
+            share.memory_bytes.to_string()
+        );
+        assert_eq!(read(v1.join("pids/airlock/pids.max")), "500");
+        let cg = create(&h, "airlock", "sb-1", &limits).unwrap();
+        assert_eq!(
+            read(v1.join("memory/airlock/sb-1/memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read(v1.join("pids/airlock/sb-1/pids.max")), "100");
+        assert_eq!(read(v1.join("cpu/airlock/sb-1/cpu.cfs_quota_us")), "200000");
+        for (name, host) in &cg.visible {
+            assert_eq!(host, &v1.join(name).join("airlock/sb-1/sandbox"));
+        }
+        assert_eq!(cg.visible.len(), V1_VISIBLE.len());
+        assert!(cg
+            .procs
+            .contains(&v1.join("memory/airlock/sb-1/sandbox/cgroup.procs")));
+        assert!(cg
+            .procs
+            .contains(&v1.join("freezer/airlock/sb-1/cgroup.procs")));
+        assert_eq!(cg.freezer, v1.join("freezer/airlock/sb-1"));
+
+        let v2 = d.join("v2");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let h = Hierarchy::detect(&v2).unwrap();
+        limit_parent(&h, "airlock", &share).unwrap();
+        assert_eq!(read(v2.join("airlock/pids.max")), "500");
+        let cg = create(&h, "airlock", "sb-2", &limits).unwrap();
+        assert_eq!(read(v2.join("airlock/sb-2/pids.max")), "100");
+        assert_eq!(read(v2.join("airlock/sb-2/cpu.max")), "200000 100000");
+        assert_eq!(
+            cg.visible,
+            vec![(String::new(), v2.join("airlock/sb-2/sandbox"))]
+        );
+        assert_eq!(
+            cg.procs,
+            vec![v2.join("airlock/sb-2/sandbox/agent/cgroup.procs")]
+        );
+        assert_eq!(cg.freezer, v2.join("airlock/sb-2"));
+        std::fs::remove_dir_all(d).unwrap();
+    }
 
     #[test]
     fn detects_v1_and_v2_on_fake_trees() {

@@ -298,3 +298,106 @@ fn a_fork_runs_the_daemons_agent_not_the_tenants() {
     });
     let _ = std::fs::remove_dir_all(&image);
 }
+
+/// Row 3: the sandbox's own limits (memory, tasks, CPU) were bind-mounted read-write into it, so
+/// its root could lift them; the parent `airlock` cgroup had none. Here the host's root stands
+/// in for a tenant who got root in the sandbox: in the sandbox's mount namespace it writes
+/// "unlimited" into every limit the sandbox can see. The sandbox's limits, which now live one
+/// level up where the sandbox cannot see them, stay as they were; the parent holds the host
+/// share.
+#[test]
+fn sandbox_root_cannot_lift_its_own_limits() {
+    if skip_if_unsupported("sandbox_root_cannot_lift_its_own_limits") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(90), async {
+        let c = d.client();
+        make_template(&c, "default").await;
+        let id = create(&c, json!({"template": "default", "memory_mib": 128})).await;
+        let cg = std::path::Path::new("/sys/fs/cgroup");
+        let v1 = cg.join("pids/airlock").join(&id).is_dir();
+        // (limit file on the host, the same knob as the sandbox sees it, "unlimited")
+        let knobs: Vec<(std::path::PathBuf, &str, &str)> = if v1 {
+            let at = |c: &str, f: &str| cg.join(c).join("airlock").join(&id).join(f);
+            vec![
+                (
+                    at("memory", "memory.limit_in_bytes"),
+                    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                    "-1",
+                ),
+                (
+                    at("pids", "pids.max"),
+                    "/sys/fs/cgroup/pids/pids.max",
+                    "max",
+                ),
+                (
+                    at("cpu", "cpu.cfs_quota_us"),
+                    "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                    "-1",
+                ),
+            ]
+        } else {
+            let at = |f: &str| cg.join("airlock").join(&id).join(f);
+            vec![
+                (at("memory.max"), "/sys/fs/cgroup/memory.max", "max"),
+                (at("pids.max"), "/sys/fs/cgroup/pids.max", "max"),
+                (at("cpu.max"), "/sys/fs/cgroup/cpu.max", "max"),
+            ]
+        };
+        let before: Vec<String> = knobs
+            .iter()
+            .map(|(host, _, _)| std::fs::read_to_string(host).unwrap())
+            .collect();
+        assert_eq!(before[0].trim(), (128u64 << 20).to_string());
+
+        // A process of the sandbox, to enter its mount namespace through.
+        let procs = if v1 {
+            cg.join("freezer/airlock").join(&id).join("cgroup.procs")
+        } else {
+            cg.join("airlock")
+                .join(&id)
+                .join("sandbox/agent/cgroup.procs")
+        };
+        let pid = std::fs::read_to_string(&procs).unwrap();
+        let pid = pid.lines().next().expect("a process in the sandbox").trim();
+        let script: String = knobs
+            .iter()
+            .map(|(_, inside, unlimited)| format!("echo {unlimited} > {inside}; "))
+            .collect();
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", pid, "-m", "--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        // (Whether each write takes or is refused does not matter: only where it lands.)
+        let _ = out;
+        for ((host, inside, _), was) in knobs.iter().zip(&before) {
+            let now = std::fs::read_to_string(host).unwrap();
+            assert_eq!(&now, was, "{} changed through {inside}", host.display());
+        }
+
+        // The parent holds the host share: neither memory nor tasks are unlimited.
+        let (mem, pids) = if v1 {
+            (
+                cg.join("memory/airlock/memory.limit_in_bytes"),
+                cg.join("pids/airlock/pids.max"),
+            )
+        } else {
+            (cg.join("airlock/memory.max"), cg.join("airlock/pids.max"))
+        };
+        let mem: u64 = std::fs::read_to_string(mem)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert!(mem < total_kib << 10, "airlock memory limit {mem}");
+        let pids = std::fs::read_to_string(pids).unwrap();
+        assert_ne!(pids.trim(), "max");
+    });
+}

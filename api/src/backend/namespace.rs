@@ -52,13 +52,17 @@ impl NamespaceBackend {
                 agent_bin.display()
             ));
         }
+        let share = crate::cgroup::HostShare::of_this_host()?;
+        let cgroup_parent = "airlock".to_string();
+        crate::cgroup::limit_parent(&hierarchy, &cgroup_parent, &share)
+            .map_err(|e| format!("limiting all sandboxes together to the host share: {e}"))?;
         Ok(NamespaceBackend {
             state_dir,
             hierarchy,
             agent_bin,
             launcher,
-            cgroup_parent: "airlock".into(),
-            pids_max: 4096,
+            cgroup_parent,
+            pids_max: share.sandbox_pids_max,
             allow_host_network,
             ready_timeout: Duration::from_secs(15),
         })
@@ -403,7 +407,10 @@ fn elf_has_interpreter(elf: &[u8]) -> Result<bool, &'static str> {
     }
     for i in 0..phnum {
         let at = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or("malformed program headers")?)
+            .checked_add(
+                i.checked_mul(phentsize)
+                    .ok_or("malformed program headers")?,
+            )
             .ok_or("malformed program headers")?;
         let p_type = elf
             .get(at..at + 4)
@@ -425,7 +432,10 @@ mod agent_binary_tests {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let dynamic = elf_has_interpreter(&me).unwrap();
         assert_eq!(dynamic, cfg!(target_env = "gnu"), "PT_INTERP detection");
-        assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), Err("not an ELF executable"));
+        assert_eq!(
+            elf_has_interpreter(b"#!/bin/sh\n"),
+            Err("not an ELF executable")
+        );
         let mut truncated = me[..64].to_vec();
         truncated[56] = 0xff; // many program headers, none present
         assert!(elf_has_interpreter(&truncated).is_err());
