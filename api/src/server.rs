@@ -829,7 +829,18 @@ fn pump_events(
         let _conn = conn;
         let mut events = CheckedEvents::new(body);
         let mut result = "error";
-        while let Some(ev) = events.next().await {
+        loop {
+            // A client that goes away while its command prints nothing is noticed here, not
+            // at the next event (which may never come): the sandbox stops counting as busy,
+            // so its idle timeout runs again, and the agent ends the command.
+            let next = tokio::select! {
+                ev = events.next() => ev,
+                () = tx.closed() => {
+                    result = "client_gone";
+                    break;
+                }
+            };
+            let Some(ev) = next else { break };
             if let ExecEvent::Exit { code, .. } = &ev {
                 result = match code {
                     Some(0) => "ok",

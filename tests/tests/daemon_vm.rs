@@ -547,26 +547,76 @@ fn vm_backend_end_to_end() {
 }
 
 /// A running VM sandbox survives a daemon restart (SIGKILL of the daemon, then a new one on the
-/// same state); `timeout_s` and `idle_timeout_s` end sandboxes; a sandbox with `network: true`
-/// gets its TAP and reaches the host through it.
+/// same state): its VM, memory and files are still there.
 #[test]
-#[ignore = "hung in the lab past its own limits (network cold boot, daemon restart, timeouts); not yet diagnosed"]
-fn vm_sandboxes_survive_a_restart_time_out_and_reach_the_network() {
+fn vm_sandbox_survives_a_daemon_restart() {
     let image = match vm_image_or_reason() {
         Ok(i) => i,
-        Err(r) => {
-            return not_run(
-                "vm_sandboxes_survive_a_restart_time_out_and_reach_the_network",
-                &r,
-            )
-        }
+        Err(r) => return not_run("vm_sandbox_survives_a_daemon_restart", &r),
     };
     let mut d = vm_daemon(&[]);
     cli_template(&d, "default", &image);
-    let (id, net_id, tap) = run_bounded_value(Duration::from_secs(900), async {
+    let id = run_bounded_value(Duration::from_secs(600), async {
         let c = d.client();
         let id = create(&c, json!({"template": "default"})).await;
         sh(&c, &id, "echo kept > /tmp/k").await;
+        id
+    });
+    d.stop(libc::SIGKILL);
+    d.restart();
+    run_bounded(Duration::from_secs(600), async {
+        let c = d.client();
+        assert_eq!(
+            sh(&c, &id, "cat /tmp/k").await.stdout,
+            b"kept\n",
+            "the sandbox lost its memory over the restart"
+        );
+        let (s, _) = checked(&c, Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(traces(&d, &id, None), Traces::default(), "{id} left traces behind");
+    });
+}
+
+/// `timeout_s` and `idle_timeout_s` end VM sandboxes, and nothing of them is left.
+#[test]
+fn vm_sandboxes_time_out() {
+    let image = match vm_image_or_reason() {
+        Ok(i) => i,
+        Err(r) => return not_run("vm_sandboxes_time_out", &r),
+    };
+    let d = vm_daemon(&[]);
+    cli_template(&d, "default", &image);
+    run_bounded(Duration::from_secs(600), async {
+        let c = d.client();
+        let timed = create(&c, json!({"template": "default", "timeout_s": 5})).await;
+        let idle = create(&c, json!({"template": "default", "idle_timeout_s": 5})).await;
+        for (sid, reason) in [(&timed, "timeout"), (&idle, "idle timeout")] {
+            let v = wait_state(&c, sid, &["stopped", "gone"], Duration::from_secs(120)).await;
+            eprintln!("{sid}: {v}");
+            if v["state"] == "stopped" {
+                assert_eq!(v["state_reason"], reason, "{v}");
+            }
+            assert_eq!(
+                traces(&d, sid, None),
+                Traces::default(),
+                "{sid} left traces behind"
+            );
+        }
+    });
+}
+
+/// A sandbox with `network: true` gets its TAP and reaches the host through it; removing it
+/// removes the TAP.
+#[test]
+fn vm_network_sandbox_reaches_its_tap() {
+    let image = match vm_image_or_reason() {
+        Ok(i) => i,
+        Err(r) => return not_run("vm_network_sandbox_reaches_its_tap", &r),
+    };
+    let d = vm_daemon(&[]);
+    cli_template(&d, "default", &image);
+    run_bounded(Duration::from_secs(900), async {
+        let c = d.client();
         let net = c
             .call(
                 Method::POST,
@@ -580,11 +630,14 @@ fn vm_sandboxes_survive_a_restart_time_out_and_reach_the_network() {
             .call(Method::GET, &format!("/v1/sandboxes/{net_id}"), None)
             .await
             .unwrap();
-        let tap = rec["tap"].as_str().map(str::to_string);
-        let tap_name = tap.clone().unwrap_or_else(|| panic!("no TAP in {rec}"));
+        let tap = rec["tap"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no TAP in {rec}"));
+        assert!(Path::new("/sys/class/net").join(&tap).exists());
         // The TAP's address on the host is the guest's gateway.
         let ip = std::process::Command::new("ip")
-            .args(["-4", "-o", "addr", "show", "dev", &tap_name])
+            .args(["-4", "-o", "addr", "show", "dev", &tap])
             .output()
             .expect("ip(8)");
         let text = String::from_utf8_lossy(&ip.stdout).to_string();
@@ -593,7 +646,7 @@ fn vm_sandboxes_survive_a_restart_time_out_and_reach_the_network() {
             .skip_while(|w| *w != "inet")
             .nth(1)
             .and_then(|a| a.split('/').next())
-            .unwrap_or_else(|| panic!("no address on {tap_name}: {text}"))
+            .unwrap_or_else(|| panic!("no address on {tap}: {text}"))
             .to_string();
         let ping = c
             .exec(
@@ -609,19 +662,6 @@ fn vm_sandboxes_survive_a_restart_time_out_and_reach_the_network() {
             String::from_utf8_lossy(&ping.stdout),
             String::from_utf8_lossy(&ping.stderr)
         );
-        (id, net_id, tap)
-    });
-    let tap = tap.expect("a tap name");
-    assert!(Path::new("/sys/class/net").join(&tap).exists());
-    d.stop(libc::SIGKILL);
-    d.restart();
-    run_bounded(Duration::from_secs(600), async {
-        let c = d.client();
-        assert_eq!(
-            sh(&c, &id, "cat /tmp/k").await.stdout,
-            b"kept\n",
-            "the sandbox lost its memory over the restart"
-        );
         let (s, _) = checked(&c, Method::DELETE, &format!("/v1/sandboxes/{net_id}"), None).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(
@@ -629,18 +669,6 @@ fn vm_sandboxes_survive_a_restart_time_out_and_reach_the_network() {
             Traces::default(),
             "{net_id} left traces behind"
         );
-        // timeout_s and idle_timeout_s.
-        let timed = create(&c, json!({"template": "default", "timeout_s": 5})).await;
-        let idle = create(&c, json!({"template": "default", "idle_timeout_s": 5})).await;
-        for sid in [&timed, &idle] {
-            let v = wait_state(&c, sid, &["stopped", "gone"], Duration::from_secs(120)).await;
-            eprintln!("{sid}: {v}");
-            assert_eq!(
-                traces(&d, sid, None),
-                Traces::default(),
-                "{sid} left traces behind"
-            );
-        }
     });
 }
 

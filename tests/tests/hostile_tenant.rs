@@ -401,3 +401,55 @@ fn sandbox_root_cannot_lift_its_own_limits() {
         assert_ne!(pids.trim(), "max");
     });
 }
+
+/// Row 10, first half: a client that disconnects while its command prints nothing was not
+/// noticed: the exec stayed `running`, kept the sandbox busy, and `idle_timeout_s` never fired.
+/// Now the daemon notices the closed connection, the agent ends the command, and the idle
+/// timeout stops the sandbox.
+#[test]
+fn a_silent_exec_whose_client_left_ends() {
+    use std::io::{Read, Write};
+    if skip_if_unsupported("a_silent_exec_whose_client_left_ends") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&[]);
+    run_bounded(Duration::from_secs(90), async {
+        let c = d.client();
+        make_template(&c, "default").await;
+        let id = create(&c, json!({"template": "default", "idle_timeout_s": 3})).await;
+        let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let body = json!({"cmd": ["sleep", "300"]}).to_string();
+        write!(
+            conn,
+            "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nHost: airlock\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = [0u8; 512];
+        let n = conn.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_string();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+        // While the client waits, the silent command keeps the sandbox busy past its idle
+        // timeout.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (_, v) = checked(&c, Method::GET, &format!("/v1/sandboxes/{id}"), None).await;
+        assert_eq!(v["state"], "running", "{v}");
+
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = checked(&c, Method::GET, &format!("/v1/sandboxes/{id}"), None).await;
+            if v["state"] == "stopped" {
+                assert_eq!(v["state_reason"], "idle timeout", "{v}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "20 s after its client left, the silent exec still holds the sandbox: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+}
