@@ -36,9 +36,14 @@ die() {
 # tests/lab/suites: one line per test executable to run, "SUITE TEST-TARGET [LIBTEST ARGS...]".
 mapfile -t suite_lines < <(grep -v '^\s*\(#\|$\)' "$lab/suites")
 known_suites="$(printf '%s\n' "${suite_lines[@]}" | awk '{print $1}' | sort -u | tr '\n' ' ')"
+# Suites that run only when named: the vfio suite's L1 crashes (tests/lab/README.md, "VFIO").
+opt_in_suites="vfio"
 if [ "$#" -eq 0 ]; then
     # shellcheck disable=SC2206
-    set -- $known_suites
+    set -- $(for s in $known_suites; do case " $opt_in_suites " in *" $s "*) ;; *) echo "$s" ;; esac; done)
+    for s in $opt_in_suites; do
+        echo "NOT RUN lab suite $s (pci_passthrough: an emulated e1000e behind QEMU's Intel IOMMU, passed to a Linux guest): opt-in (bash tests/lab/run.sh $s) until the L1 kernel's crash in KVM_RUN with the device passed through is diagnosed"
+    done
 fi
 for s in "$@"; do
     case " $known_suites " in
@@ -135,7 +140,8 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 printf '127.0.0.1 localhost\n' >"$root/etc/hosts"
 
 # Kernel modules the L1 loads, in dependency order.
-l1_modules="irqbypass kvm kvm_amd tun"
+# vfio-pci and its IOMMU backend: the vfio suite passes the L1's emulated e1000e to a guest.
+l1_modules="irqbypass kvm kvm_amd tun vfio vfio_iommu_type1 vfio_pci"
 moddir="$kroot/lib/modules/$kver"
 # shellcheck disable=SC2086
 python3 "$images/imagetool.py" moddeps "$moddir" $l1_modules >"$out/l1-modules"
@@ -200,6 +206,17 @@ rm -rf "$initrd_stage" "$root"
 console="$out/console.log"
 log "booting the L1 (QEMU TCG, -cpu max with AMD-V, $cpus vCPUs, ${mem_mib} MiB): suites$wanted"
 log "the L1's console: $console"
+# The vfio suite's machine: q35 with QEMU's Intel IOMMU (interrupt remapping on, which VFIO
+# needs) and an e1000e for l1-init to bind to vfio-pci; no network reaches out (restrict=on).
+vfio_machine=()
+vfio_cmdline=""
+case "$wanted" in
+    *" vfio "*)
+        vfio_machine=(-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on
+            -netdev user,id=pt0,restrict=on -device e1000e,netdev=pt0)
+        vfio_cmdline=" intel_iommu=on"
+        ;;
+esac
 start=$(date +%s)
 rm -f "$out/qemu.pid" "$out/monitor.sock" "$out/stall.log"
 : >"$console"
@@ -252,10 +269,11 @@ watchdog=$!
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem_mib" \
+    "${vfio_machine[@]}" \
     -nographic -no-reboot -nodefaults -serial stdio \
     -monitor "unix:$out/monitor.sock,server=on,wait=off" -pidfile "$out/qemu.pid" \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$out/l1-initrd.cpio.gz" \
-    -append "console=ttyS0 root=/dev/vda rw rootwait=30 init=/lab/init panic=-1 loglevel=4" \
+    -append "console=ttyS0 root=/dev/vda rw rootwait=30 init=/lab/init panic=-1 loglevel=4$vfio_cmdline" \
     -drive "file=$out/l1.ext4,format=raw,if=virtio,cache=unsafe" \
     -nic none </dev/null 2>&1 | tee "$console" | grep --line-buffered '^LAB\|^test \|^NOT RUN' >&2
 qemu_rc=${PIPESTATUS[0]}

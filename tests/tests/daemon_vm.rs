@@ -573,7 +573,11 @@ fn vm_sandbox_survives_a_daemon_restart() {
         );
         let (s, _) = checked(&c, Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(traces(&d, &id, None), Traces::default(), "{id} left traces behind");
+        assert_eq!(
+            traces(&d, &id, None),
+            Traces::default(),
+            "{id} left traces behind"
+        );
     });
 }
 

@@ -425,7 +425,8 @@ fn a_silent_exec_whose_client_left_ends() {
             body.len()
         )
         .unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut head = [0u8; 512];
         let n = conn.read(&mut head).unwrap();
         let head = String::from_utf8_lossy(&head[..n]).to_string();
