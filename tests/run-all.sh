@@ -36,7 +36,20 @@ cargo clippy --release -p airlock-test-guest --target x86_64-unknown-none -- -D 
 if [ "${AIRLOCK_LAB:-1}" = 0 ]; then
     echo "NOT RUN tests/lab/run.sh (every lab suite): AIRLOCK_LAB=0 was given" | tee "$logs/lab.log"
 else
-    bash tests/lab/run.sh 2>&1 | tee "$logs/lab.log" || failed_steps+=("the lab")
+    if ! bash tests/lab/run.sh 2>&1 | tee "$logs/lab.log"; then
+        # An L1 that wedges (its console silent: both emulated CPUs spinning in the L1 kernel,
+        # seen in about one full lab run in three, not yet diagnosed) is run once more; the
+        # first run's report is kept and the summary says that it happened.
+        if [ -s target/lab/stall.log ]; then
+            cp target/lab/stall.log "$logs/lab-stall-first-run.log"
+            cp target/lab/console.log "$logs/lab-console-first-run.log"
+            lab_wedged="the lab's L1 wedged in its first run ($logs/lab-stall-first-run.log, $logs/lab-console-first-run.log); the counts are its second run's"
+            stamp "$lab_wedged"
+            bash tests/lab/run.sh 2>&1 | tee "$logs/lab.log" || failed_steps+=("the lab")
+        else
+            failed_steps+=("the lab")
+        fi
+    fi
     stamp "lab done"
 fi
 
@@ -52,6 +65,7 @@ echo "tests that did not run, and why:"
     # #[ignore]d tests, with the reason libtest prints after "ignored, ".
     grep -h -o '^test [^ ]* \.\.\. ignored.*' "$logs/cargo-test.log" | sed 's/^test \([^ ]*\) \.\.\. ignored,* */  \1: ignored: /'
 } | sort -u | grep . || echo "  (none)"
+[ -z "${lab_wedged:-}" ] || echo "note: $lab_wedged"
 for s in "${failed_steps[@]}"; do echo "failed: $s"; done
 passed=$((cargo_passed - cargo_not_run + lab_passed))
 failed=$((cargo_failed + lab_failed))

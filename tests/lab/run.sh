@@ -259,6 +259,17 @@ for cmd in (b"info cpus\n", b"info registers -a\n"):
         pass
 print(out.decode(errors="replace"))
 PY
+            # The L1 boots with nokaslr, so its RIPs name functions in the kernel's System.map.
+            python3 - "$kroot/boot/System.map-$kver" "$out/stall.log" <<'PY'
+import bisect, re, sys
+syms = sorted((int(a, 16), n) for a, t, n in (l.split()[:3] for l in open(sys.argv[1])) if t in "tTwW")
+addrs = [a for a, _ in syms]
+for rip in re.findall(r"RIP=([0-9a-f]{16})", open(sys.argv[2]).read()):
+    r = int(rip, 16)
+    i = bisect.bisect_right(addrs, r) - 1
+    if i >= 0:
+        print(f"RIP {rip} is {syms[i][1]}+{r - syms[i][0]:#x}")
+PY
         } >"$out/stall.log" 2>&1
         log "the L1's console was silent for ${stall_s} s: ending it (QEMU's state: $out/stall.log)"
         kill "$pid"
@@ -273,14 +284,15 @@ timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -nographic -no-reboot -nodefaults -serial stdio \
     -monitor "unix:$out/monitor.sock,server=on,wait=off" -pidfile "$out/qemu.pid" \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$out/l1-initrd.cpio.gz" \
-    -append "console=ttyS0 root=/dev/vda rw rootwait=30 init=/lab/init panic=-1 loglevel=4$vfio_cmdline" \
+    -append "console=ttyS0 root=/dev/vda rw rootwait=30 init=/lab/init panic=-1 loglevel=4 nokaslr$vfio_cmdline" \
     -drive "file=$out/l1.ext4,format=raw,if=virtio,cache=unsafe" \
     -nic none </dev/null 2>&1 | tee "$console" | grep --line-buffered '^LAB\|^test \|^NOT RUN' >&2
 qemu_rc=${PIPESTATUS[0]}
 kill "$watchdog" 2>/dev/null
 wait "$watchdog" 2>/dev/null
 set -e
-[ ! -s "$out/stall.log" ] || sed 's/^/lab: stall: /' "$out/stall.log" | head -60 >&2
+# The gist of the stall report (the whole register dump stays in the file).
+[ ! -s "$out/stall.log" ] || grep -E "silent|QEMU's threads|^  \(|CPU #|^RIP " "$out/stall.log" | sed 's/^/lab: stall: /' >&2
 log "the L1 ran $(($(date +%s) - start)) s (qemu exit $qemu_rc)"
 
 # --- results ------------------------------------------------------------------------------------
