@@ -23,8 +23,9 @@ pub struct Limits {
     pub max_upload_bytes: u64,
     /// Non-live records kept for `GET` (oldest dropped first).
     pub max_ended_records: usize,
-    /// vm backend: API clients may run commands and file operations as uid/gid 0 (root inside
-    /// the guest, never on the host). `airlockd --allow-guest-root`.
+    /// API clients may run commands and file operations as uid/gid 0: the sandbox's own root
+    /// (inside the guest, or of the sandbox's user namespace), never the host's.
+    /// `airlockd --allow-guest-root`.
     pub allow_guest_root: bool,
     /// Templates are built only from images below these directories (canonical paths);
     /// `airlockd --image-dir`, default `<state-dir>/images`.
@@ -104,9 +105,9 @@ pub struct Daemon {
 
 /// The identity policy (api/README.md, "Who commands run as"): which uid and gid an API client
 /// may ask a command or a file operation to run as. Unset means the sandbox user (uid 1000).
-/// Any unprivileged id is allowed. 0 is refused in the namespace backend, where a sandbox's root
-/// would be the host's root (there is no user namespace per sandbox), and in the vm backend
-/// unless the operator allows root inside guests.
+/// Any unprivileged id is allowed. 0 is the sandbox's own root, never the host's (the guest's
+/// root in the vm backend; in the namespace backend, root of the sandbox's user namespace, a
+/// host uid range of its own), and is refused unless the operator allows it.
 pub fn check_identity(
     backend: BackendKind,
     allow_guest_root: bool,
@@ -114,23 +115,17 @@ pub fn check_identity(
     gid: Option<u32>,
 ) -> Result<(), ApiError> {
     let asks_root = uid == Some(0) || gid == Some(0);
-    if !asks_root {
+    if !asks_root || allow_guest_root {
         return Ok(());
     }
-    match backend {
-        BackendKind::Namespace => Err(ApiError::Forbidden(
-            "uid/gid 0 is refused in the namespace backend: a sandbox's root there would be the \
-             host's root. Run as the sandbox user (leave uid unset) or another unprivileged id"
-                .into(),
-        )),
-        BackendKind::Vm if !allow_guest_root => Err(ApiError::Forbidden(
-            "uid/gid 0 (root inside the guest) is refused: airlockd runs without \
-             --allow-guest-root. Run as the sandbox user (leave uid unset) or another \
-             unprivileged id"
-                .into(),
-        )),
-        BackendKind::Vm => Ok(()),
-    }
+    let whose = match backend {
+        BackendKind::Namespace => "the sandbox's root, in its own user namespace",
+        BackendKind::Vm => "root inside the guest",
+    };
+    Err(ApiError::Forbidden(format!(
+        "uid/gid 0 ({whose}) is refused: airlockd runs without --allow-guest-root. Run as the \
+         sandbox user (leave uid unset) or another unprivileged id"
+    )))
 }
 
 /// An image directory a template may be built from: `image` with its links resolved, when it
@@ -951,12 +946,15 @@ impl Daemon {
 mod identity_tests {
     use super::*;
 
-    /// Row 1 of issue 13: `exec --uid 0` ran as host root in the namespace backend.
+    /// Row 1 of issue 13: `exec --uid 0` ran as host root in the namespace backend. Sandbox
+    /// root is now root of the sandbox's user namespace only, and still needs the operator's
+    /// leave.
     #[test]
-    fn root_is_refused_where_it_would_be_host_root_or_not_allowed() {
+    fn root_is_refused_unless_the_operator_allows_it() {
         let ns = BackendKind::Namespace;
-        assert!(check_identity(ns, true, Some(0), None).is_err());
-        assert!(check_identity(ns, true, None, Some(0)).is_err());
+        assert!(check_identity(ns, false, Some(0), None).is_err());
+        assert!(check_identity(ns, false, None, Some(0)).is_err());
+        assert!(check_identity(ns, true, Some(0), Some(0)).is_ok());
         assert!(check_identity(ns, false, Some(1000), Some(1000)).is_ok());
         assert!(check_identity(ns, false, None, None).is_ok());
         let vm = BackendKind::Vm;

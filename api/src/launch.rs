@@ -2,24 +2,29 @@
 //! process (so forking is safe), builds the sandbox and execs the agent as its PID 1:
 //!
 //! 1. joins the sandbox's cgroups, leaves the daemon's session (`setsid`);
-//! 2. `unshare`: mount, PID, UTS, IPC, cgroup and (network off) network namespaces;
+//! 2. makes the sandbox's user namespace (its ids 0..65535 are its own host range), then
+//!    `unshare`: mount, PID, UTS, IPC, cgroup and (network off) network namespaces, all owned
+//!    by the host's user namespace, so sandbox root holds no capability over them;
 //! 3. forks: the child is PID 1 of the new PID namespace; the parent prints its host PID once
 //!    the child has exec'd the agent (or the child's error), and exits;
-//! 4. the child makes every mount private, mounts an overlay (template rootfs below, the
-//!    sandbox's own upper directory above) and inside it: a fresh /proc (its /proc/sys and
+//! 4. the child makes every mount private, mounts an overlay (the template's tree below,
+//!    idmapped to the sandbox's range; the sandbox's own upper directory above) and inside it: a fresh /proc (its /proc/sys and
 //!    other kernel knobs read-only, a few host-wide files hidden), a /dev tmpfs with a
 //!    few device nodes bound in and its own devpts, a read-only /sys tmpfs holding only the
 //!    sandbox's own cgroup directories, a /tmp tmpfs, and /run/airlock (the agent's socket
 //!    directory, shared with the host);
 //! 5. `pivot_root` into it and detaches the old root;
-//! 6. sets the hostname, drops every capability outside a short list from the bounding set,
-//!    sets `no_new_privs`, installs the seccomp filter (`seccomp.rs`);
+//! 6. sets the hostname, brings up `lo`, shields itself from the OOM killer (the last steps
+//!    that need host root), enters the sandbox's user namespace (made in step 2 by
+//!    `userns.rs`, owned by the sandbox's own host uid) as its root, drops every capability
+//!    outside a short list from the bounding set, sets `no_new_privs`, installs the seccomp
+//!    filter (`seccomp.rs`);
 //! 7. execs the daemon's agent (opened on the host before step 4, never a file of the
 //!    sandbox's tree) with an empty environment.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -57,6 +62,19 @@ pub struct LaunchSpec {
     /// (host file, absolute path inside the sandbox), bound read-only (a GPU driver's files).
     #[serde(default)]
     pub ro_files: Vec<(PathBuf, String)>,
+    /// The sandbox's user namespace (`userns.rs`); none only for specs of older daemons.
+    #[serde(default)]
+    pub user_ns: Option<UserNsSpec>,
+}
+
+/// A sandbox's own host id range and where its template is mounted with those ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserNsSpec {
+    /// Host uid and gid of sandbox root; the sandbox's ids 0..65535 are `base..base+65535`.
+    pub base: u32,
+    /// A host directory to mount the idmapped template tree on, in the launcher's private
+    /// mount namespace (the overlay's lower layer).
+    pub lower_mount: PathBuf,
 }
 
 /// Capabilities the agent keeps (everything else leaves the bounding set). CAP_SYS_ADMIN,
@@ -112,6 +130,17 @@ fn launch(spec: &LaunchSpec) -> Result<i32, String> {
             .map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
     }
     nix::unistd::setsid().map_err(err("setsid"))?;
+    // Before the PID namespace: its helper process must not become the sandbox's PID 1.
+    let userns = match &spec.user_ns {
+        Some(u) => Some(crate::userns::owned_by(u.base)?),
+        None => None,
+    };
+    if userns.is_some() {
+        // The agent, root only of its user namespace, could not lower its own OOM score: it
+        // inherits this one (and the floor that lets it write the same value again). Best
+        // effort: a daemon without CAP_SYS_RESOURCE (these development hosts) cannot either.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
@@ -129,7 +158,7 @@ fn launch(spec: &LaunchSpec) -> Result<i32, String> {
     match unsafe { fork() }.map_err(err("fork"))? {
         ForkResult::Child => {
             drop(read_end);
-            let e = child(spec);
+            let e = child(spec, userns.as_ref());
             let mut f = std::fs::File::from(write_end);
             let _ = f.write_all(e.as_bytes());
             // SAFETY: _exit ends the child without running the parent's atexit handlers.
@@ -275,14 +304,17 @@ fn mkdirs(p: &Path) -> Result<(), String> {
 }
 
 /// Runs in the child (PID 1 of the sandbox); returns only on failure.
-fn child(spec: &LaunchSpec) -> String {
-    match build_and_exec(spec) {
+fn child(spec: &LaunchSpec, userns: Option<&OwnedFd>) -> String {
+    match build_and_exec(spec, userns) {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String> {
+fn build_and_exec(
+    spec: &LaunchSpec,
+    userns: Option<&OwnedFd>,
+) -> Result<std::convert::Infallible, String> {
     let none = None::<&str>;
     mnt(
         none,
@@ -291,15 +323,29 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         none,
     )?;
-    for p in [&spec.lower, &spec.upper, &spec.work] {
+    let lower_mount = spec.user_ns.as_ref().map(|u| &u.lower_mount);
+    for p in [&spec.lower, &spec.upper, &spec.work]
+        .into_iter()
+        .chain(lower_mount)
+    {
         let s = p.to_string_lossy();
         if s.contains(',') || s.contains(':') {
             return Err(format!("{s:?}: overlay paths may not hold ',' or ':'"));
         }
     }
+    let mut lower = spec.lower.clone();
+    // Owner options for the tmpfs mounts below: root of the sandbox, not host root.
+    let mut owner = String::new();
+    if let (Some(u), Some(ns)) = (&spec.user_ns, userns) {
+        give_root_dirs(spec, u.base)?;
+        mkdirs(&u.lower_mount)?;
+        crate::userns::idmapped_tree(&spec.lower, &u.lower_mount, ns)?;
+        lower = u.lower_mount.clone();
+        owner = format!(",uid={0},gid={0}", u.base);
+    }
     let overlay = format!(
         "lowerdir={},upperdir={},workdir={}",
-        spec.lower.display(),
+        lower.display(),
         spec.upper.display(),
         spec.work.display()
     );
@@ -335,7 +381,7 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         &dev,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755,size=64k"),
+        Some(&format!("mode=755,size=64k{owner}")),
     )?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(node);
@@ -357,7 +403,7 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
         &dev.join("shm"),
         Some("tmpfs"),
         nosuid_nodev_noexec,
-        Some("mode=1777,size=64m"),
+        Some(&format!("mode=1777,size=64m{owner}")),
     )?;
     for node in &spec.device_nodes {
         let name = node
@@ -430,7 +476,7 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
     }
     mnt(none, &sys, none, ro, none)?;
 
-    let tmp_opts = format!("mode=1777,size={}m", spec.tmp_size_mib.max(1));
+    let tmp_opts = format!("mode=1777,size={}m{owner}", spec.tmp_size_mib.max(1));
     mnt(
         Some("tmpfs"),
         &root.join("tmp"),
@@ -460,6 +506,16 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
     umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root"))?;
     std::env::set_current_dir("/").map_err(err("chdir /"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(err("sethostname"))?;
+    if userns.is_some() {
+        // What the agent did as host root and cannot do as the sandbox's: the network and UTS
+        // namespaces belong to the host's user namespace.
+        if !spec.host_network {
+            airlock_agent::init::bring_up("lo").map_err(err("bringing up lo"))?;
+        }
+    }
+    if let Some(ns) = userns {
+        enter_as_root(ns)?;
+    }
 
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only marks descriptors close-on-exec.
     unsafe {
@@ -486,6 +542,51 @@ fn build_and_exec(spec: &LaunchSpec) -> Result<std::convert::Infallible, String>
     )?];
     let e = nix::unistd::fexecve(&agent, &argv, &env).unwrap_err();
     Err(format!("exec the agent {}: {e}", spec.agent_bin.display()))
+}
+
+/// The upper directory's root (the sandbox's `/`) owned as the template's root is, in the
+/// sandbox's range, and the agent's socket directory owned by sandbox root.
+fn give_root_dirs(spec: &LaunchSpec, base: u32) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::symlink_metadata(&spec.lower)
+        .map_err(|e| format!("reading {}: {e}", spec.lower.display()))?;
+    let shifted = |id: u32| base.saturating_add(id);
+    for (dir, uid, gid, mode) in [
+        (
+            &spec.upper,
+            shifted(root.uid()),
+            shifted(root.gid()),
+            root.mode() & 0o7777,
+        ),
+        (&spec.run_dir, base, base, 0o755),
+    ] {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Joins the sandbox's user namespace and becomes its root (host uid `base`). Joining gives a
+/// full capability set inside it, and a full bounding set, which `drop_capabilities` then cuts.
+fn enter_as_root(ns: &OwnedFd) -> Result<(), String> {
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER).map_err(err("entering the user namespace"))?;
+    // SAFETY: plain system calls on integers; ids 0 are the namespace's root, mapped.
+    let rc = unsafe {
+        if libc::setresgid(0, 0, 0) != 0 || libc::setgroups(0, std::ptr::null()) != 0 {
+            -1
+        } else {
+            libc::setresuid(0, 0, 0)
+        }
+    };
+    if rc != 0 {
+        return Err(format!(
+            "becoming root of the user namespace: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn drop_capabilities(own_netns: bool) -> Result<(), String> {

@@ -14,3 +14,4 @@ pub mod model;
 pub mod seccomp;
 pub mod server;
 pub mod sys;
+pub mod userns;

@@ -63,9 +63,9 @@ struct Args {
     /// ample on hardware KVM; nested or emulated hosts (the test lab) need minutes.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     agent_ready_timeout_s: u64,
-    /// vm backend: let API clients run commands as uid/gid 0, root inside the guest (never on
-    /// the host). Off by default. The namespace backend always refuses uid/gid 0: there a
-    /// sandbox's root would be the host's root.
+    /// Let API clients run commands as uid/gid 0: the sandbox's own root (inside the guest; in
+    /// the namespace backend, root of the sandbox's user namespace, whose ids are a host range
+    /// of its own), never the host's. Off by default.
     #[arg(long)]
     allow_guest_root: bool,
     /// A directory whose images (each a subdirectory) templates may be built from; repeat for

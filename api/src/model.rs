@@ -155,6 +155,10 @@ pub struct Runtime {
     /// The TAP device (vm backend with network).
     #[serde(default)]
     pub tap: Option<String>,
+    /// The host uid and gid of the sandbox's root, the base of its own id range (namespace
+    /// backend, `userns.rs`); freed when the sandbox stops.
+    #[serde(default)]
+    pub uid_base: Option<u32>,
 }
 
 /// One sandbox, as kept in `<state-dir>/sandboxes/<id>.json`.
@@ -466,6 +470,7 @@ mod tests {
                 jail_id: None,
                 jail_dir: None,
                 tap: None,
+                uid_base: None,
             }),
         };
         let text = serde_json::to_string(&r).unwrap();

@@ -5,6 +5,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use crate::userns::IdShift;
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -100,11 +102,13 @@ pub fn tree_size(dir: &Path) -> u64 {
 
 /// Copies the tree `from` to `to` (which must not exist): directories, regular files,
 /// symlinks (as links), owners, modes and times. Stays on `from`'s filesystem (mount points
-/// below it become empty directories), and skips sockets, FIFOs and devices. `progress` is
-/// called after each file.
+/// below it become empty directories), and skips sockets, FIFOs and devices. Owners pass
+/// through `ids` (a sandbox's host range back to a template's ids). `progress` is called after
+/// each file.
 pub fn copy_tree(
     from: &Path,
     to: &Path,
+    ids: IdShift,
     progress: &mut dyn FnMut(CopyProgress),
 ) -> std::io::Result<CopyProgress> {
     let root = std::fs::symlink_metadata(from)?;
@@ -114,13 +118,23 @@ pub fn copy_tree(
             format!("{} is not a directory", from.display()),
         ));
     }
-    let mut done = CopyProgress::default();
-    copy_dir(from, to, root.dev(), &mut done, progress)?;
-    Ok(done)
+    let mut walk = Walk {
+        dev: root.dev(),
+        ids,
+        done: CopyProgress::default(),
+    };
+    copy_dir(from, to, &mut walk, progress)?;
+    Ok(walk.done)
 }
 
-fn copy_meta(to: &Path, m: &std::fs::Metadata) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid()))?;
+struct Walk {
+    dev: u64,
+    ids: IdShift,
+    done: CopyProgress,
+}
+
+fn copy_meta(to: &Path, m: &std::fs::Metadata, ids: IdShift) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(to, Some(ids.apply(m.uid())), Some(ids.apply(m.gid())))?;
     if !m.file_type().is_symlink() {
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
     }
@@ -130,10 +144,10 @@ fn copy_meta(to: &Path, m: &std::fs::Metadata) -> std::io::Result<()> {
 fn copy_dir(
     from: &Path,
     to: &Path,
-    dev: u64,
-    done: &mut CopyProgress,
+    walk: &mut Walk,
     progress: &mut dyn FnMut(CopyProgress),
 ) -> std::io::Result<()> {
+    let ids = walk.ids;
     let meta = std::fs::symlink_metadata(from)?;
     std::fs::create_dir(to)?;
     let mut entries: Vec<_> = std::fs::read_dir(from)?.collect::<Result<_, _>>()?;
@@ -144,27 +158,27 @@ fn copy_dir(
         let m = std::fs::symlink_metadata(&src)?;
         let ft = m.file_type();
         if ft.is_dir() {
-            if m.dev() != dev {
+            if m.dev() != walk.dev {
                 std::fs::create_dir(&dst)?;
-                copy_meta(&dst, &m)?;
+                copy_meta(&dst, &m, ids)?;
             } else {
-                copy_dir(&src, &dst, dev, done, progress)?;
+                copy_dir(&src, &dst, walk, progress)?;
             }
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&src)?;
             std::os::unix::fs::symlink(target, &dst)?;
-            copy_meta(&dst, &m)?;
+            copy_meta(&dst, &m, ids)?;
         } else if ft.is_file() {
             std::fs::copy(&src, &dst)?;
-            copy_meta(&dst, &m)?;
-            done.bytes += m.len();
+            copy_meta(&dst, &m, ids)?;
+            walk.done.bytes += m.len();
         } else {
             continue;
         }
-        done.files += 1;
-        progress(*done);
+        walk.done.files += 1;
+        progress(walk.done);
     }
-    copy_meta(to, &meta)?;
+    copy_meta(to, &meta, ids)?;
     Ok(())
 }
 
@@ -200,7 +214,10 @@ mod tests {
             .unwrap();
         std::os::unix::fs::symlink("b/f", src.join("a/link")).unwrap();
         let mut calls = 0;
-        let done = copy_tree(&src, &d.join("dst"), &mut |_| calls += 1).unwrap();
+        let done = copy_tree(&src, &d.join("dst"), IdShift::default(), &mut |_| {
+            calls += 1
+        })
+        .unwrap();
         assert_eq!(done.bytes, 5);
         assert_eq!(calls, 4);
         assert_eq!(std::fs::read(d.join("dst/a/b/f")).unwrap(), b"hello");
@@ -213,7 +230,38 @@ mod tests {
             Path::new("b/f")
         );
         assert_eq!(tree_size(&d.join("dst")), 5);
-        assert!(copy_tree(&src, &d.join("dst"), &mut |_| {}).is_err());
+        assert!(copy_tree(&src, &d.join("dst"), IdShift::default(), &mut |_| {}).is_err());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A snapshot of a sandbox with its own id range: the range's ids become the template's.
+    #[test]
+    fn a_copy_shifts_a_sandbox_range_back() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("NOT RUN a_copy_shifts_a_sandbox_range_back: chown needs root");
+            return;
+        }
+        let d = scratch("shift");
+        let src = d.join("src");
+        std::fs::create_dir_all(src.join("home")).unwrap();
+        std::fs::write(src.join("home/f"), b"x").unwrap();
+        let base = crate::userns::FIRST_BASE;
+        std::os::unix::fs::lchown(&src, Some(base), Some(base)).unwrap();
+        std::os::unix::fs::lchown(src.join("home/f"), Some(base + 1000), Some(base + 1000))
+            .unwrap();
+        std::os::unix::fs::lchown(src.join("home"), Some(77), Some(78)).unwrap();
+        copy_tree(&src, &d.join("dst"), IdShift { base }, &mut |_| {}).unwrap();
+        let owner = |p: &str| {
+            let m = std::fs::symlink_metadata(d.join(p)).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(owner("dst"), (0, 0));
+        assert_eq!(owner("dst/home/f"), (1000, 1000));
+        assert_eq!(
+            owner("dst/home"),
+            (77, 78),
+            "ids outside the range are kept"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 

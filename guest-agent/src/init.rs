@@ -192,9 +192,14 @@ pub fn bring_up(iface: &str) -> io::Result<()> {
         libc::SIOCGIFFLAGS,
         (&mut req as *mut libc::ifreq).cast(),
     )?;
+    let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if req.ifr_ifru.ifru_flags & up == up {
+            // Already up (a namespace sandbox's launcher does it, as host root).
+            return Ok(());
+        }
+        req.ifr_ifru.ifru_flags |= up;
     }
     ioctl(
         &socket,

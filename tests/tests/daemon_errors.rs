@@ -189,7 +189,8 @@ fn bad_requests_get_clear_errors() {
         )
         .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
-        // Root is not handed out in the namespace backend (issue 13, row 1): 403, named.
+        // Root is not handed out without the operator's leave (issue 13, row 1): 403, naming
+        // the option.
         let (s, v) = checked(
             &c,
             Method::POST,
@@ -199,7 +200,10 @@ fn bad_requests_get_clear_errors() {
         .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
         assert!(
-            v["error"].as_str().unwrap_or("").contains("host's root"),
+            v["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("--allow-guest-root"),
             "{v}"
         );
         // The sandbox's seccomp filter and capabilities hold for its user.

@@ -454,3 +454,167 @@ fn a_silent_exec_whose_client_left_ends() {
         }
     });
 }
+
+/// The host uid of a sandbox's agent (its PID 1), from /proc on the host.
+async fn agent_host_uid(c: &DaemonClient, id: &str) -> u32 {
+    let v = c
+        .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await
+        .unwrap();
+    let pid = v["pid"].as_i64().expect("a running sandbox's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .expect("an effective uid")
+}
+
+/// Rows 1 and 7: every sandbox ran as host uid 1000 (root as host root), so per-user kernel
+/// limits were shared: 128 inotify instances in one sandbox gave the next EMFILE. Each sandbox
+/// is now root of a user namespace whose ids are a host range of its own; with the operator's
+/// leave (`--allow-guest-root`) a client may run as that root, which is not host root.
+#[test]
+fn each_sandbox_is_a_host_user_of_its_own() {
+    if skip_if_unsupported("each_sandbox_is_a_host_user_of_its_own") {
+        return;
+    }
+    let d = DaemonUnderTest::start(&["--allow-guest-root"]);
+    run_bounded(Duration::from_secs(150), async {
+        let c = d.client();
+        let a = default_sandbox(&c).await;
+        let b = create(&c, json!({"template": "default"})).await;
+        let (ua, ub) = (agent_host_uid(&c, &a).await, agent_host_uid(&c, &b).await);
+        assert!(ua != 0 && ua != 1000, "sandbox {a}'s root is host uid {ua}");
+        assert!(ub != 0 && ub != 1000, "sandbox {b}'s root is host uid {ub}");
+        assert!(ua.abs_diff(ub) >= 65536, "ranges overlap: {ua}, {ub}");
+
+        // Inside: the sandbox user is 1000 and its root is 0, mapped to the range.
+        let out = sh(&c, &a, "id -u; cat /proc/self/uid_map").await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(
+            words,
+            ["1000", "0", &ua.to_string(), "65536"],
+            "id -u and the uid map"
+        );
+        let root = c
+            .exec(
+                &a,
+                &json!({"cmd": ["sh", "-c",
+                    "id -u; touch /etc/made-by-root && chown 1000:1000 /etc/made-by-root && echo owns-its-tree; \
+                     echo '|/tmp/x' > /proc/sys/kernel/core_pattern 2>/dev/null || echo core_pattern-refused; \
+                     hostname evil 2>/dev/null || echo hostname-refused"],
+                    "uid": 0, "gid": 0}),
+            )
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&root.stdout);
+        for want in [
+            "0\n",
+            "owns-its-tree",
+            "core_pattern-refused",
+            "hostname-refused",
+        ] {
+            assert!(text.contains(want), "{want:?} not in {text}");
+        }
+        let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+        assert!(!pattern.contains("/tmp/x"), "{pattern}");
+        // What sandbox root made is its own, not the host's, seen from the host.
+        let upper = d
+            .state_dir
+            .join("sandboxes")
+            .join(&a)
+            .join("upper/etc/made-by-root");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(&upper).unwrap();
+            assert_eq!(m.uid(), ua + 1000, "{}", upper.display());
+        }
+        // A snapshot holds the ids the sandbox saw; a fork of it sees them as its own.
+        let (s, v) = checked(
+            &c,
+            Method::POST,
+            &format!("/v1/sandboxes/{a}/snapshot"),
+            Some(&json!({"template": "from-a"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let copied = d.state_dir.join("templates/from-a/rootfs/etc/made-by-root");
+            let m = std::fs::symlink_metadata(&copied).unwrap();
+            assert_eq!((m.uid(), m.gid()), (1000, 1000), "{}", copied.display());
+        }
+        let fork = create(&c, json!({"template": "from-a"})).await;
+        let uf = agent_host_uid(&c, &fork).await;
+        assert!(
+            uf != ua && uf != ub && uf != 0,
+            "fork's root is host uid {uf}"
+        );
+        let out = sh(
+            &c,
+            &fork,
+            "stat -c %u:%g /etc/made-by-root; stat -c %u /etc/passwd",
+        )
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1000:1000\n0\n");
+        // rm frees the fork's range; the others stay claimed.
+        let ranges = || {
+            std::fs::read_dir(d.state_dir.join("uid-ranges"))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(ranges(), 3);
+        c.call(Method::DELETE, &format!("/v1/sandboxes/{fork}"), None)
+            .await
+            .unwrap();
+        assert_eq!(ranges(), 2);
+
+        // Row 7 itself: A's sandbox user holds every inotify instance it can get; B's still
+        // gets one. (Python, for inotify_init: the default image's busybox has no inotify tool.)
+        let python = airlock_tests::repo_root().join("images/out/python");
+        if !python.join("rootfs").is_dir() {
+            eprintln!(
+                "NOT RUN each_sandbox_is_a_host_user_of_its_own (inotify half): images/out/python is not built (bash images/build.sh python)"
+            );
+            return;
+        }
+        c.call(
+            Method::POST,
+            "/v1/templates",
+            Some(&json!({"name": "python", "image": python})),
+        )
+        .await
+        .unwrap();
+        let pa = create(&c, json!({"template": "python"})).await;
+        let pb = create(&c, json!({"template": "python"})).await;
+        let hog = "import ctypes, time\n\
+                   libc = ctypes.CDLL(None)\n\
+                   held = [fd for fd in (libc.inotify_init() for _ in range(300)) if fd >= 0]\n\
+                   print(len(held), flush=True)\n\
+                   time.sleep(8)\n";
+        let probe = "import ctypes; print(ctypes.CDLL(None).inotify_init())";
+        let hog_body = json!({"cmd": ["python3", "-c", hog]});
+        let (held, other) = tokio::join!(c.exec(&pa, &hog_body), async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            c.exec(&pb, &json!({"cmd": ["python3", "-c", probe]})).await
+        });
+        let held: u32 = String::from_utf8_lossy(&held.unwrap().stdout)
+            .trim()
+            .parse()
+            .expect("the hog's count");
+        assert!(held < 300, "sandbox {pa} was not limited at all ({held})");
+        let other = other.unwrap();
+        let fd: i32 = String::from_utf8_lossy(&other.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        assert!(
+            fd >= 0,
+            "sandbox {pb} got no inotify instance while {pa} held {held}: {}",
+            String::from_utf8_lossy(&other.stderr)
+        );
+    });
+}

@@ -1,5 +1,6 @@
 //! The `namespace` backend: the agent runs as PID 1 of new mount, PID, UTS, IPC, cgroup and
-//! (network off) network namespaces on the host, on an overlay of the template's root
+//! (network off) network namespaces on the host, as root of a user namespace of its own (a host
+//! id range no other sandbox or host user has, `userns.rs`), on an overlay of the template's root
 //! filesystem, under the sandbox's cgroups, with reduced capabilities and a seccomp filter
 //! (`launch.rs`). The host kernel is shared: this is a weaker boundary than `vm`.
 //!
@@ -13,7 +14,7 @@ use std::time::Duration;
 use super::{blocking, log_tail, report, sandbox_dir, wait_for_agent, Progress};
 use crate::cgroup::{self, Hierarchy, SandboxCgroups};
 use crate::error::ApiError;
-use crate::launch::LaunchSpec;
+use crate::launch::{LaunchSpec, UserNsSpec};
 use crate::model::{
     AgentEndpoint, BackendKind, CreateTemplateRequest, Runtime, SandboxRecord, TemplateRecord,
 };
@@ -99,23 +100,38 @@ impl NamespaceBackend {
         let (vcpus, mem, pids_max) = (rec.vcpus, rec.memory_mib, self.pids_max);
         let gpu = crate::gpu::share(&rec.gpus, Path::new("/dev")).map_err(ApiError::BadRequest)?;
         let device_rules = gpu.device_rules.clone();
-        let dir2 = dir.clone();
-        let cgroups = blocking(move || {
+        let (dir2, state_dir) = (dir.clone(), self.state_dir.clone());
+        let made = blocking(move || {
             for d in ["upper", "work", "root", "run"] {
                 std::fs::create_dir_all(dir2.join(d))
                     .map_err(|e| ApiError::internal("creating the sandbox directory", e))?;
             }
+            let uid_base = crate::userns::claim(&state_dir, &id).map_err(ApiError::Internal)?;
             let limits = cgroup::SandboxLimits {
                 vcpus,
                 memory_mib: mem,
                 pids_max,
                 extra_device_rules: &device_rules,
             };
-            cgroup::create(&h, &parent, &id, &limits)
+            let cgroups = cgroup::create(&h, &parent, &id, &limits)
                 .map_err(|e| ApiError::internal("creating the sandbox's cgroups", e))
+                .and_then(|cg| match cgroup::delegate(&cg, uid_base) {
+                    Ok(()) => Ok(cg),
+                    Err(e) => {
+                        let _ = cgroup::remove(&cg, Duration::from_millis(500));
+                        Err(ApiError::internal("delegating the sandbox's cgroups", e))
+                    }
+                });
+            match cgroups {
+                Ok(cg) => Ok((cg, uid_base)),
+                Err(e) => {
+                    crate::userns::release(&state_dir, uid_base);
+                    Err(e)
+                }
+            }
         })
         .await;
-        let cgroups = match cgroups {
+        let (cgroups, uid_base) = match made {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -135,8 +151,12 @@ impl NamespaceBackend {
             jail_id: None,
             jail_dir: None,
             tap: None,
+            uid_base: Some(uid_base),
         };
-        match self.launch(rec, &lower, &dir, &cgroups, &gpu).await {
+        match self
+            .launch(rec, &lower, &dir, &cgroups, &gpu, uid_base)
+            .await
+        {
             Ok((pid, start)) => {
                 rt.pid = pid;
                 rt.pid_start_time = start;
@@ -164,6 +184,7 @@ impl NamespaceBackend {
         dir: &Path,
         cgroups: &SandboxCgroups,
         gpu: &crate::gpu::GpuShare,
+        uid_base: u32,
     ) -> Result<(i32, u64), ApiError> {
         // 90% of the sandbox's memory for user code, the rest for the agent.
         let user_mem = (rec.memory_mib << 20) / 10 * 9;
@@ -193,6 +214,10 @@ impl NamespaceBackend {
             tmp_size_mib: (rec.memory_mib / 2).max(16),
             device_nodes: gpu.device_nodes.clone(),
             ro_files: gpu.files.clone(),
+            user_ns: Some(UserNsSpec {
+                base: uid_base,
+                lower_mount: dir.join("lower"),
+            }),
         };
         let json = serde_json::to_string(&spec).expect("specs serialize");
         let out = tokio::time::timeout(
@@ -229,6 +254,7 @@ impl NamespaceBackend {
     pub async fn stop(&self, rt: &Runtime) -> Result<(), ApiError> {
         let rt = rt.clone();
         let layout = self.hierarchy.layout;
+        let state_dir = self.state_dir.clone();
         blocking(move || {
             if crate::sys::process_alive(rt.pid, rt.pid_start_time) {
                 // SIGKILL to PID 1 of the sandbox ends its whole PID namespace.
@@ -247,6 +273,10 @@ impl NamespaceBackend {
             let result = cgroup::remove(&cg, Duration::from_secs(5));
             crate::sys::reap(rt.pid);
             let _ = std::fs::remove_dir_all(&rt.dir);
+            // The range is free for another sandbox only once nothing of this one runs.
+            if let (Some(base), Ok(())) = (rt.uid_base, &result) {
+                crate::userns::release(&state_dir, base);
+            }
             result.map_err(|e| ApiError::internal("freeing the sandbox's cgroups", e))
         })
         .await
@@ -279,9 +309,14 @@ impl NamespaceBackend {
         let source = PathBuf::from(format!("/proc/{}/root/", rt.pid));
         let target = dir.join("rootfs");
         let dir2 = dir.to_path_buf();
+        // The sandbox's files are owned by its host range; the template holds the ids the
+        // sandbox saw, which each sandbox made from it maps to its own range.
+        let ids = crate::sys::IdShift {
+            base: rt.uid_base.unwrap_or(0),
+        };
         let copied = blocking(move || {
             std::fs::create_dir_all(&dir2).map_err(|e| ApiError::internal("mkdir", e))?;
-            crate::sys::copy_tree(&source, &target, &mut |_| {})
+            crate::sys::copy_tree(&source, &target, ids, &mut |_| {})
                 .map_err(|e| ApiError::internal("copying the sandbox's files", e))
         })
         .await;
@@ -343,7 +378,7 @@ impl NamespaceBackend {
         let copied = blocking(move || {
             std::fs::create_dir_all(&dir2).map_err(|e| ApiError::internal("mkdir", e))?;
             let mut last_report = 0u64;
-            let done = crate::sys::copy_tree(&from, &target, &mut |p| {
+            let done = crate::sys::copy_tree(&from, &target, crate::sys::IdShift::default(), &mut |p| {
                 if p.bytes >= last_report + (4 << 20) {
                     last_report = p.bytes;
                     report(

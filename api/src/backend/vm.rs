@@ -392,6 +392,7 @@ impl VmBackend {
             jail_id: Some(jail_id.to_string()),
             jail_dir: root.parent().map(Path::to_path_buf),
             tap: tap.map(|(t, _)| t.to_string()),
+            uid_base: None,
         };
         let configured = async {
             if restore {
