@@ -820,10 +820,20 @@ fn vm_failures_are_reported_and_nothing_leaks() {
 
 /// A restored VM's clock is set from the host's: within 10 s of it.
 async fn assert_clock_is_the_hosts(c: &DaemonClient, id: &str) {
-    let guest_now: u64 = String::from_utf8_lossy(&sh(c, id, "date +%s").await.stdout)
+    let out = sh(c, id, "date +%s").await;
+    let guest_now: u64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{id}: `date +%s` gave no number ({e}): exit {:?}, signal {:?}, error {:?}, stderr {:?}, events {:?}",
+                out.code,
+                out.signal,
+                out.error,
+                String::from_utf8_lossy(&out.stderr),
+                out.events
+            )
+        });
     let host_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
