@@ -8,14 +8,15 @@
 //! 3. forks: the child is PID 1 of the new PID namespace; the parent prints its host PID once
 //!    the child has exec'd the agent (or the child's error), and exits;
 //! 4. the child makes every mount private, mounts an overlay (the template's tree below,
-//!    idmapped to the sandbox's range; the sandbox's own upper directory above) and inside it: a fresh /proc (its /proc/sys and
+//!    idmapped to the sandbox's range; the sandbox's own upper directory above) and inside it:
+//!    a fresh /proc (its /proc/sys and
 //!    other kernel knobs read-only, a few host-wide files hidden), a /dev tmpfs with a
 //!    few device nodes bound in and its own devpts, a read-only /sys tmpfs holding only the
 //!    sandbox's own cgroup directories, a /tmp tmpfs, and /run/airlock (the agent's socket
 //!    directory, shared with the host);
 //! 5. `pivot_root` into it and detaches the old root;
-//! 6. sets the hostname, brings up `lo`, shields itself from the OOM killer (the last steps
-//!    that need host root), enters the sandbox's user namespace (made in step 2 by
+//! 6. sets the hostname, brings up `lo` (the last steps that need host root; the OOM shield
+//!    was set in step 2, before the fork), enters the sandbox's user namespace (made in step 2 by
 //!    `userns.rs`, owned by the sandbox's own host uid) as its root, drops every capability
 //!    outside a short list from the bounding set, sets `no_new_privs`, installs the seccomp
 //!    filter (`seccomp.rs`);
@@ -131,10 +132,11 @@ fn launch(spec: &LaunchSpec) -> Result<i32, String> {
     }
     nix::unistd::setsid().map_err(err("setsid"))?;
     // Before the PID namespace: its helper process must not become the sandbox's PID 1.
-    let userns = match &spec.user_ns {
-        Some(u) => Some(crate::userns::owned_by(u.base)?),
-        None => None,
-    };
+    let userns = spec
+        .user_ns
+        .as_ref()
+        .map(|u| crate::userns::owned_by(u.base))
+        .transpose()?;
     if userns.is_some() {
         // The agent, root only of its user namespace, could not lower its own OOM score: it
         // inherits this one (and the floor that lets it write the same value again). Best
@@ -506,14 +508,12 @@ fn build_and_exec(
     umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root"))?;
     std::env::set_current_dir("/").map_err(err("chdir /"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(err("sethostname"))?;
-    if userns.is_some() {
-        // What the agent did as host root and cannot do as the sandbox's: the network and UTS
-        // namespaces belong to the host's user namespace.
+    if let Some(ns) = userns {
+        // What the agent did as host root and cannot do as the sandbox's: the network namespace
+        // belongs to the host's user namespace.
         if !spec.host_network {
             airlock_agent::init::bring_up("lo").map_err(err("bringing up lo"))?;
         }
-    }
-    if let Some(ns) = userns {
         enter_as_root(ns)?;
     }
 
