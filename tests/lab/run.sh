@@ -13,7 +13,8 @@
 # after the list of tests that did not run and why.
 #
 # Environment: AIRLOCK_LAB_MEM_MIB (L1 memory, default 6144), AIRLOCK_LAB_CPUS (default: nproc),
-# AIRLOCK_LAB_TIMEOUT_S (whole L1 run, default 2400), AIRLOCK_LAB_KEEP=1 (keep the disk image).
+# AIRLOCK_LAB_TIMEOUT_S (whole L1 run, default 2400), AIRLOCK_LAB_KEEP=1 (keep the disk image),
+# AIRLOCK_LAB_CPU (QEMU -cpu, default max,la57=off), AIRLOCK_LAB_TCG_THREAD (multi or single).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -209,7 +210,10 @@ console="$out/console.log"
 # tests/lab/README.md) ran with LA57 on. It did not stop the crash (seen once without LA57 too),
 # but every complete run since has used it; AIRLOCK_LAB_CPU overrides.
 l1_cpu="${AIRLOCK_LAB_CPU:-max,la57=off}"
-log "booting the L1 (QEMU TCG, -cpu $l1_cpu with AMD-V, $cpus vCPUs, ${mem_mib} MiB): suites$wanted"
+# TCG's threading: "multi" runs each L1 vCPU on a host thread of its own, "single" runs them all
+# on one, in turn (slower, and no two emulated CPUs ever run at once).
+tcg_thread="${AIRLOCK_LAB_TCG_THREAD:-multi}"
+log "booting the L1 (QEMU TCG thread=$tcg_thread, -cpu $l1_cpu with AMD-V, $cpus vCPUs, ${mem_mib} MiB): suites$wanted"
 log "the L1's console: $console"
 # The vfio suite's machine: q35 with QEMU's Intel IOMMU (interrupt remapping on, which VFIO
 # needs) and an e1000e for l1-init to bind to vfio-pci; no network reaches out (restrict=on).
@@ -284,7 +288,7 @@ PY
 watchdog=$!
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu "$l1_cpu" -smp "$cpus" -m "$mem_mib" \
+    -accel "tcg,thread=$tcg_thread" -cpu "$l1_cpu" -smp "$cpus" -m "$mem_mib" \
     "${vfio_machine[@]}" \
     -nographic -no-reboot -nodefaults -serial stdio \
     -monitor "unix:$out/monitor.sock,server=on,wait=off" -pidfile "$out/qemu.pid" \
